@@ -1,0 +1,65 @@
+"""The ``ore`` command: a thin dispatcher over subcommands.
+
+Each subcommand lives next to the code it drives, as a module exposing
+``add_arguments(parser)`` and ``run(args) -> int``. User mistakes raise
+:class:`ore.errors.OreError`; they are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ore.errors import OreError
+
+# name -> (module, one-line help). Modules are imported only when their command runs,
+# so `ore --help` stays fast and one command's heavy imports never slow another.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "config": ("ore.config_cli", "show the merged config of a YAML file"),
+    "make-toy-data": ("ore.data.toy", "write the toy open world (OWOD layout + COCO JSON)"),
+    "dataset-stats": ("ore.data.stats", "count images and objects of a split after role filtering"),
+    "train": ("ore.engine.train_cli", "train a detector from a config"),
+    "detect": ("ore.engine.detect", "detect objects (and unknowns) in images"),
+}
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, as for every user mistake
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="ore", description="Open-world object detection (ORE).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    sub.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module_name)
+        # Argument definitions are cheap to import; the heavy work is inside run().
+        importlib.import_module(module_name).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.run(args) or 0)
+    except OreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

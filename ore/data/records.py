@@ -1,0 +1,317 @@
+"""Annotation readers: the VOC/OWOD layout and COCO JSON, into one record type.
+
+Shapes: N objects in an image. Boxes stay in the annotation's own pixel convention
+(VOC: 1-based, inclusive corners). COCO ``[x, y, w, h]`` boxes are converted to that
+convention (``xmin = x + 1``, ``xmax = x + w``) so both formats give identical records
+for the same objects, and the evaluator's VOC matching rules apply to both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from ore.data.classes import UNKNOWN, TaskSplit, canonical_name
+from ore.errors import OreError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("voc", "coco")
+ROLES = ("train", "finetune", "test")
+_SAFE_ID = re.compile(r"^[\w.\-]+$")  # list ids name files inside the root: no separators
+
+
+@dataclass
+class ImageRecord:
+    """One image and its objects.
+
+    Attributes:
+        image_id: id as written in the ImageSets list (the file stem).
+        file_name: path of the image file.
+        width, height: image size in pixels.
+        boxes: float32 [N, 4] ``xmin, ymin, xmax, ymax`` in VOC pixel convention.
+        names: N canonical class names (``unknown`` after test-role relabelling).
+        difficult: bool [N]; difficult objects are ignored by the evaluator.
+    """
+
+    image_id: str
+    file_name: str
+    width: int
+    height: int
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    names: list[str] = field(default_factory=list)
+    difficult: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
+
+    def select(self, keep: np.ndarray, names: list[str] | None = None) -> ImageRecord:
+        """A copy with only the objects where ``keep`` is true (names optionally replaced)."""
+        keep = np.asarray(keep, bool)
+        kept_names = [n for n, k in zip(names or self.names, keep) if k]
+        return replace(self, boxes=self.boxes[keep], names=kept_names, difficult=self.difficult[keep])
+
+
+@dataclass
+class LoadStats:
+    """Counts of what a loader repaired, reported once per split rather than per object."""
+
+    clipped: int = 0
+    dropped_degenerate: int = 0
+    duplicate_ids: int = 0
+
+
+def _check_id(image_id: str, list_path: Path, line_no: int) -> str:
+    if not _SAFE_ID.match(image_id) or image_id in (".", ".."):
+        raise OreError(
+            f"{list_path}:{line_no}: image id {image_id!r} is not a plain file stem "
+            "(letters, digits, '_', '-', '.'; no path separators)"
+        )
+    return image_id
+
+
+def read_image_list(list_path: Path) -> list[str]:
+    """Ids from an ImageSets list, each once, in first-seen order (duplicates warned)."""
+    if not list_path.is_file():
+        raise OreError(f"image list not found: {list_path}")
+    ids: list[str] = []
+    seen: set[str] = set()
+    dups = 0
+    for line_no, line in enumerate(list_path.read_text().splitlines(), start=1):
+        image_id = line.strip()
+        if not image_id:
+            continue
+        _check_id(image_id, list_path, line_no)
+        if image_id in seen:
+            dups += 1
+            continue
+        seen.add(image_id)
+        ids.append(image_id)
+    if dups:
+        log.warning("%s lists %d duplicate image ids; each image is loaded once", list_path, dups)
+    return ids
+
+
+def _finalise_boxes(
+    boxes: np.ndarray, width: int, height: int, stats: LoadStats
+) -> np.ndarray:
+    """Clip boxes to the image (VOC convention: 1..W, 1..H); mark degenerate ones.
+
+    Returns a keep mask; clipping is done in place and counted.
+    """
+    if len(boxes) == 0:
+        return np.zeros((0,), bool)
+    if width > 0 and height > 0:
+        lo = np.array([1, 1, 1, 1], np.float32)
+        hi = np.array([width, height, width, height], np.float32)
+        clipped = np.clip(boxes, lo, hi)
+        stats.clipped += int(np.any(clipped != boxes, axis=1).sum())
+        boxes[:] = clipped
+    keep = (boxes[:, 2] >= boxes[:, 0]) & (boxes[:, 3] >= boxes[:, 1])
+    stats.dropped_degenerate += int((~keep).sum())
+    return keep
+
+
+def parse_voc_xml(
+    xml_path: Path, image_path: Path, split: TaskSplit | None = None,
+    stats: LoadStats | None = None,
+) -> ImageRecord:
+    """Parse one VOC XML file. Unknown class names (not in ``split``) are an error."""
+    stats = stats if stats is not None else LoadStats()
+    try:
+        root = ET.parse(xml_path).getroot()
+    except FileNotFoundError:
+        raise OreError(f"annotation file not found: {xml_path}") from None
+    except ET.ParseError as exc:
+        raise OreError(f"{xml_path}: malformed XML ({exc})") from None
+
+    def number(node, tag, cast=float):
+        text = node.findtext(tag)
+        try:
+            return cast(float(text))
+        except (TypeError, ValueError):
+            raise OreError(f"{xml_path}: <{tag}> is {text!r}, expected a number") from None
+
+    size = root.find("size")
+    if size is not None:
+        width, height = number(size, "width", int), number(size, "height", int)
+    else:
+        width = height = 0  # unknown: boxes are not clipped
+    names, boxes, difficult = [], [], []
+    for obj in root.iter("object"):
+        raw = obj.findtext("name")
+        if raw is None or not raw.strip():
+            raise OreError(f"{xml_path}: an <object> has no <name>")
+        name = canonical_name(raw)
+        if split is not None and not split.is_known_name(name):
+            raise OreError(
+                f"{xml_path}: class {raw!r} is in no task of split {split.name} "
+                "(add it to a task, or to never_introduced in a class-split YAML)"
+            )
+        bnd = obj.find("bndbox")
+        if bnd is None:
+            raise OreError(f"{xml_path}: object {raw!r} has no <bndbox>")
+        boxes.append([number(bnd, t) for t in ("xmin", "ymin", "xmax", "ymax")])
+        names.append(name)
+        difficult.append(obj.findtext("difficult", "0").strip() in ("1", "true"))
+    box_arr = np.asarray(boxes, np.float32).reshape(-1, 4)
+    keep = _finalise_boxes(box_arr, width, height, stats)
+    record = ImageRecord(
+        image_id=xml_path.stem,
+        file_name=str(image_path),
+        width=width,
+        height=height,
+        boxes=box_arr,
+        names=names,
+        difficult=np.asarray(difficult, bool).reshape(-1),
+    )
+    return record if keep.all() else record.select(keep)
+
+
+def _find_image(image_dir: Path, image_id: str) -> Path:
+    for ext in (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG"):
+        p = image_dir / f"{image_id}{ext}"
+        if p.is_file():
+            return p
+    raise OreError(f"image for listed id {image_id!r} not found: {image_dir / image_id}.jpg")
+
+
+def load_voc_split(
+    root: str | Path, split_name: str, split: TaskSplit | None = None,
+    image_dir: str = "JPEGImages",
+) -> list[ImageRecord]:
+    """Records of every image listed in ``<root>/ImageSets/Main/<split_name>.txt``.
+
+    Each annotation file is parsed once; each listed image must exist.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise OreError(f"dataset root not found: {root}")
+    ids = read_image_list(root / "ImageSets" / "Main" / f"{split_name}.txt")
+    stats = LoadStats()
+    images = root / image_dir
+    records = [
+        parse_voc_xml(root / "Annotations" / f"{i}.xml", _find_image(images, i), split, stats)
+        for i in ids
+    ]
+    _report(stats, f"{root}:{split_name}")
+    return records
+
+
+def _report(stats: LoadStats, where: str) -> None:
+    if stats.clipped:
+        log.warning("%s: %d boxes extended past the image and were clipped", where, stats.clipped)
+    if stats.dropped_degenerate:
+        log.warning("%s: %d degenerate boxes (xmax < xmin or ymax < ymin) were dropped",
+                    where, stats.dropped_degenerate)
+
+
+def load_coco_json(
+    json_path: str | Path, image_dir: str | Path, split: TaskSplit | None = None
+) -> list[ImageRecord]:
+    """Records from a COCO instances JSON. ``iscrowd`` objects are kept as difficult."""
+    json_path, image_dir = Path(json_path), Path(image_dir)
+    if not json_path.is_file():
+        raise OreError(f"COCO annotation file not found: {json_path}")
+    try:
+        data = json.loads(json_path.read_text())
+        images = data["images"]
+        categories = {c["id"]: canonical_name(c["name"]) for c in data["categories"]}
+        annotations = data.get("annotations", [])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise OreError(f"{json_path}: not a COCO instances file ({type(exc).__name__}: {exc})")
+    if split is not None:
+        for name in categories.values():
+            if not split.is_known_name(name):
+                raise OreError(f"{json_path}: category {name!r} is in no task of split {split.name}")
+    by_image: dict[int, list[dict]] = {}
+    for i, ann in enumerate(annotations):
+        try:
+            by_image.setdefault(ann["image_id"], []).append(ann)
+            if ann["category_id"] not in categories:
+                raise KeyError(f"category_id {ann['category_id']}")
+        except (KeyError, TypeError) as exc:
+            raise OreError(f"{json_path}: annotation #{i} is malformed ({exc})") from None
+    stats = LoadStats()
+    records, seen = [], set()
+    for img in images:
+        try:
+            img_id, file_name = img["id"], img["file_name"]
+            width, height = int(img["width"]), int(img["height"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise OreError(f"{json_path}: image entry {img!r:.80} is malformed ({exc})") from None
+        stem = Path(file_name).stem
+        if img_id in seen:
+            stats.duplicate_ids += 1
+            continue
+        seen.add(img_id)
+        path = (image_dir / file_name).resolve()
+        if not path.is_relative_to(image_dir.resolve()):
+            raise OreError(f"{json_path}: file_name {file_name!r} escapes the image folder")
+        if not path.is_file():
+            raise OreError(f"{json_path}: image not found: {path}")
+        anns = by_image.get(img_id, [])
+        try:
+            xywh = np.asarray([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
+        except (KeyError, ValueError) as exc:
+            raise OreError(f"{json_path}: bad bbox in image {file_name} ({exc})") from None
+        boxes = np.concatenate([xywh[:, :2] + 1, xywh[:, :2] + xywh[:, 2:]], axis=1)
+        keep = _finalise_boxes(boxes, width, height, stats)
+        record = ImageRecord(
+            image_id=stem, file_name=str(path), width=width, height=height, boxes=boxes,
+            names=[categories[a["category_id"]] for a in anns],
+            difficult=np.asarray([bool(a.get("iscrowd", 0)) for a in anns], bool).reshape(-1),
+        )
+        records.append(record if keep.all() else record.select(keep))
+    if stats.duplicate_ids:
+        log.warning("%s lists %d duplicate image ids; each image is loaded once",
+                    json_path, stats.duplicate_ids)
+    _report(stats, str(json_path))
+    return records
+
+
+def load_split(
+    root: str | Path, split_name: str, split: TaskSplit | None = None, fmt: str = "voc",
+    image_dir: str = "JPEGImages",
+) -> list[ImageRecord]:
+    """Load a named split: VOC lists, or COCO ``<root>/annotations/<split_name>.json``."""
+    if fmt == "voc":
+        return load_voc_split(root, split_name, split, image_dir)
+    if fmt == "coco":
+        root = Path(root)
+        if not root.is_dir():
+            raise OreError(f"dataset root not found: {root}")
+        return load_coco_json(root / "annotations" / f"{split_name}.json", root / image_dir, split)
+    raise OreError(f"DATASETS.FORMAT: unknown format {fmt!r}; expected one of {FORMATS}")
+
+
+def apply_role(
+    records: list[ImageRecord], split: TaskSplit, task: int, role: str
+) -> list[ImageRecord]:
+    """Filter annotations by the split role of ``task`` (SPEC §4).
+
+    - ``train``: only classes introduced in ``task`` are targets; images left without
+      targets are dropped.
+    - ``finetune``: every class seen so far is a target; other objects are dropped, and
+      so are images left without targets.
+    - ``test``: every object of a class not yet seen is relabelled ``unknown``.
+    """
+    if role == "val":
+        role = "test"
+    if role not in ROLES:
+        raise OreError(f"split role {role!r}: expected one of {ROLES}")
+    if role == "test":
+        seen = set(split.seen(task))
+        return [
+            replace(r, names=[n if n in seen else UNKNOWN for n in r.names]) for r in records
+        ]
+    targets = set(split.introduced(task) if role == "train" else split.seen(task))
+    out = []
+    for r in records:
+        keep = np.fromiter((n in targets for n in r.names), bool, len(r.names))
+        if keep.any():
+            out.append(r.select(keep))
+    return out
