@@ -14,7 +14,7 @@ import sys
 
 from ore.errors import OreError
 
-# name -> (module, one-line help). Modules are imported only when their command runs,
+# name -> (module, one-line help). A module is imported only when its command is chosen,
 # so `ore --help` stays fast and one command's heavy imports never slow another.
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("ore.config_cli", "show the merged config of a YAML file"),
@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dataset-stats": ("ore.data.stats", "count images and objects of a split after role filtering"),
     "train": ("ore.engine.train_cli", "train a detector from a config"),
     "detect": ("ore.engine.detect", "detect objects (and unknowns) in images"),
+    "pretrain": ("ore.contrastive.pretrain", "contrastive pretraining of a backbone trunk"),
+    "eval-detections": ("ore.evaluation.cli", "evaluate a detections JSON file (open-world)"),
 }
 
 
@@ -30,7 +32,10 @@ class _ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the chosen command's module is imported to add its arguments."""
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if a in COMMANDS), None)
     parser = _ArgumentParser(prog="ore", description="Open-world object detection (ORE).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
@@ -38,13 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module_name)
-        # Argument definitions are cheap to import; the heavy work is inside run().
-        importlib.import_module(module_name).add_arguments(p)
+        if name == chosen:
+            importlib.import_module(module_name).add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

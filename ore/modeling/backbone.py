@@ -31,7 +31,7 @@ NORMS = ("BN", "FrozenBN", "GN")
 STAGE_CHANNELS = {
     "resnet50": (256, 512, 1024, 2048),
     "resnet18": (64, 128, 256, 512),
-    "tiny": (32, 64, 96, 128),
+    "tiny": (24, 48, 64, 96),
 }
 
 
@@ -56,19 +56,19 @@ def _conv_norm_relu(cin: int, cout: int, stride: int, norm) -> nn.Sequential:
 
 
 class TinyTrunk(nn.Module):
-    """A five-stage CNN for CPU work: strides 2, 4, 8, 16, 32; ~0.4 M parameters.
+    """A five-stage CNN for CPU work: strides 2, 4, 8, 16, 32; ~0.15 M parameters.
 
-    Each stage is a strided 3×3 conv followed by a 3×3 conv, both with norm and ReLU.
-    Children are in forward order so that ``IntermediateLayerGetter`` can tap any stage.
+    The stem and ``layer1`` are one strided 3×3 conv each (full-resolution layers are
+    where a CPU spends its time); ``layer2``–``layer4`` add a second 3×3 conv. Every conv
+    has norm and ReLU. Children are in forward order so that ``IntermediateLayerGetter``
+    can tap any stage.
     """
 
     def __init__(self, norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
         super().__init__()
         c1, c2, c3, c4 = STAGE_CHANNELS["tiny"]
-        self.stem = _conv_norm_relu(3, 16, 2, norm_layer)
-        self.layer1 = nn.Sequential(
-            _conv_norm_relu(16, c1, 2, norm_layer), _conv_norm_relu(c1, c1, 1, norm_layer)
-        )
+        self.stem = _conv_norm_relu(3, 12, 2, norm_layer)
+        self.layer1 = _conv_norm_relu(12, c1, 2, norm_layer)
         self.layer2 = nn.Sequential(
             _conv_norm_relu(c1, c2, 2, norm_layer), _conv_norm_relu(c2, c2, 1, norm_layer)
         )

@@ -1,0 +1,347 @@
+"""Configuration: one typed schema, YAML files with ``_BASE_`` inheritance, CLI overrides.
+
+Every key is declared once below, with its default and a comment. YAML files only
+override keys and may inherit from other files with ``_BASE_: path`` (relative to the
+file, or to ``detection_configs/``). ``KEY=VALUE`` arguments override last; values are
+parsed as YAML (``SOLVER.STEPS=[100,200]``). An unknown key is an error that names the
+closest valid key; a value of the wrong type names the key, the value and the type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ore.errors import OreError
+
+CONFIG_ROOT = Path(__file__).resolve().parents[1] / "detection_configs"
+
+
+def _list(*values):
+    return field(default_factory=lambda: list(values))
+
+
+@dataclass
+class BackboneConfig:
+    # Trunk + FPN: resnet50_fpn | resnet18_fpn | tiny_fpn.
+    NAME: str = "resnet50_fpn"
+    # Normalisation in the trunk: FrozenBN (pretrained weights) | BN | GN (from scratch).
+    NORM: str = "FrozenBN"
+    # Local file with trunk weights (torchvision ResNet state dict or `ore pretrain` output).
+    WEIGHTS: str = ""
+    # Trunk stages to train, counted from the top (0..5; 5 trains the stem too).
+    TRAINABLE_LAYERS: int = 3
+    # Trunk stages (1..4) that feed the feature pyramid.
+    RETURNED_STAGES: list[int] = _list(1, 2, 3, 4)
+    # Channels of every pyramid level.
+    FPN_CHANNELS: int = 256
+
+
+@dataclass
+class AnchorConfig:
+    # Anchor sizes (pixels), one list per pyramid level including the pooled top level.
+    SIZES: list[list[int]] = field(default_factory=lambda: [[32], [64], [128], [256], [512]])
+    # Height/width ratios used at every level.
+    ASPECT_RATIOS: list[float] = _list(0.5, 1.0, 2.0)
+
+
+@dataclass
+class RPNConfig:
+    # Proposals kept per pyramid level before NMS, in training / at test time.
+    PRE_NMS_TOP_N_TRAIN: int = 2000
+    PRE_NMS_TOP_N_TEST: int = 1000
+    # Proposals kept per image after NMS, in training / at test time.
+    POST_NMS_TOP_N_TRAIN: int = 2000
+    POST_NMS_TOP_N_TEST: int = 1000
+    # NMS IoU threshold between proposals.
+    NMS_THRESH: float = 0.7
+    # Anchors with IoU >= FG_IOU_THRESH to a GT box are positives; < BG_IOU_THRESH negatives.
+    FG_IOU_THRESH: float = 0.7
+    BG_IOU_THRESH: float = 0.3
+    # Anchors sampled per image for the RPN loss, and the positive fraction among them.
+    BATCH_SIZE_PER_IMAGE: int = 256
+    POSITIVE_FRACTION: float = 0.5
+
+
+@dataclass
+class ROIHeadsConfig:
+    # Box head: standard (closed-set Faster R-CNN baseline) | ore.
+    NAME: str = "standard"
+    # RoIs sampled per image for the box losses, and the positive fraction among them.
+    BATCH_SIZE_PER_IMAGE: int = 512
+    POSITIVE_FRACTION: float = 0.25
+    # Proposals with IoU >= FG_IOU_THRESH to a GT box are foreground; < BG_IOU_THRESH background.
+    FG_IOU_THRESH: float = 0.5
+    BG_IOU_THRESH: float = 0.5
+    # Detections under this score are dropped at test time.
+    SCORE_THRESH_TEST: float = 0.05
+    # Class-wise NMS IoU threshold at test time.
+    NMS_THRESH_TEST: float = 0.5
+    # Most detections kept per image.
+    DETECTIONS_PER_IMAGE: int = 100
+
+
+@dataclass
+class BoxHeadConfig:
+    # RoIAlign output size (square) and sampling points per bin.
+    POOLER_RESOLUTION: int = 7
+    POOLER_SAMPLING_RATIO: int = 2
+    # Width of the two fully connected layers; the last one is the RoI feature f.
+    FC_DIM: int = 1024
+
+
+@dataclass
+class ModelConfig:
+    # Full detector checkpoint to start from (e.g. the previous task's final weights).
+    WEIGHTS: str = ""
+    BACKBONE: BackboneConfig = field(default_factory=BackboneConfig)
+    ANCHOR: AnchorConfig = field(default_factory=AnchorConfig)
+    RPN: RPNConfig = field(default_factory=RPNConfig)
+    ROI_HEADS: ROIHeadsConfig = field(default_factory=ROIHeadsConfig)
+    ROI_BOX_HEAD: BoxHeadConfig = field(default_factory=BoxHeadConfig)
+
+
+@dataclass
+class InputConfig:
+    # Training shortest side: sampled uniformly from this [min, max] range per image.
+    MIN_SIZE_TRAIN: list[int] = _list(480, 800)
+    # Longest side cap in training.
+    MAX_SIZE_TRAIN: int = 1333
+    # Shortest side and longest-side cap at test time.
+    MIN_SIZE_TEST: int = 800
+    MAX_SIZE_TEST: int = 1333
+    # Probability of a horizontal flip in training.
+    FLIP_PROB: float = 0.5
+    # Per-channel RGB mean and std (0..1 pixel scale) used to normalise images.
+    PIXEL_MEAN: list[float] = _list(0.485, 0.456, 0.406)
+    PIXEL_STD: list[float] = _list(0.229, 0.224, 0.225)
+
+
+@dataclass
+class DatasetsConfig:
+    # Dataset root (VOC/OWOD layout, or COCO JSON under <ROOT>/annotations/).
+    ROOT: str = "datasets/OWOD"
+    # Annotation format: voc | coco.
+    FORMAT: str = "voc"
+    # Image folder under ROOT.
+    IMAGE_DIR: str = "JPEGImages"
+    # Class split: owod | sowod | toy | path to a YAML file with `tasks: [[...], ...]`.
+    CLASSES: str = "owod"
+    # Training list (ImageSets/Main/<name>.txt) and the role that filters its annotations.
+    TRAIN: str = "t1_train"
+    # Role of the training list: train (task's own classes) | finetune (all seen classes).
+    TRAIN_ROLE: str = "train"
+    # Evaluation list; every object of an unseen class is `unknown` there.
+    TEST: str = "all_task_test"
+
+
+@dataclass
+class DataLoaderConfig:
+    # Worker processes that decode and augment images (0 = in the main process).
+    NUM_WORKERS: int = 4
+    # Batch images of similar aspect ratio together (less padding).
+    ASPECT_RATIO_GROUPING: bool = True
+    # Skip images that cannot be decoded (with a warning and a count) instead of stopping.
+    SKIP_BAD_IMAGES: bool = False
+
+
+@dataclass
+class SolverConfig:
+    # Images per iteration over all processes.
+    IMS_PER_BATCH: int = 8
+    # SGD learning rate for IMS_PER_BATCH images.
+    BASE_LR: float = 0.01
+    MOMENTUM: float = 0.9
+    WEIGHT_DECAY: float = 0.0001
+    # Total iterations of this run.
+    MAX_ITER: int = 18000
+    # Iterations at which the learning rate is multiplied by GAMMA.
+    STEPS: list[int] = _list(12000, 16000)
+    GAMMA: float = 0.1
+    # Linear warmup: the rate starts at BASE_LR * WARMUP_FACTOR and reaches BASE_LR here.
+    WARMUP_ITERS: int = 100
+    WARMUP_FACTOR: float = 0.001
+    # Clip the global gradient norm to this value (0 = no clipping).
+    CLIP_GRAD_NORM: float = 0.0
+    # Write a checkpoint every this many iterations (and at the end).
+    CHECKPOINT_PERIOD: int = 5000
+    # Periodic checkpoints kept on disk (the final one is always kept).
+    KEEP_CHECKPOINTS: int = 3
+    # Log losses and the learning rate to metrics.jsonl every this many iterations.
+    LOG_PERIOD: int = 20
+
+
+@dataclass
+class OWODConfig:
+    # Current task (1-based): which classes are introduced / seen.
+    TASK: int = 1
+
+
+@dataclass
+class Config:
+    MODEL: ModelConfig = field(default_factory=ModelConfig)
+    INPUT: InputConfig = field(default_factory=InputConfig)
+    DATASETS: DatasetsConfig = field(default_factory=DatasetsConfig)
+    DATALOADER: DataLoaderConfig = field(default_factory=DataLoaderConfig)
+    SOLVER: SolverConfig = field(default_factory=SolverConfig)
+    OWOD: OWODConfig = field(default_factory=OWODConfig)
+    # Device: auto (CUDA when available) | cpu | cuda | cuda:N.
+    DEVICE: str = "auto"
+    # Seed for every random generator; the same seed and inputs give the same run.
+    SEED: int = 0
+    # Use deterministic algorithms (slower on GPU).
+    DETERMINISTIC: bool = False
+    # Folder for checkpoints, metrics.jsonl and outputs of this run.
+    OUTPUT_DIR: str = "runs/default"
+
+
+def _schema_types(cls=Config, prefix: str = "") -> dict[str, Any]:
+    """Flat map from dotted key to its annotated type (sections map to their dataclass)."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        out[key] = tp
+        if dataclasses.is_dataclass(tp):
+            out.update(_schema_types(tp, key + "."))
+    return out
+
+
+SCHEMA_TYPES = _schema_types()
+
+
+def _type_name(tp: Any) -> str:
+    if dataclasses.is_dataclass(tp):
+        return "a section (mapping)"
+    return getattr(tp, "__name__", None) if typing.get_origin(tp) is None else str(tp)
+
+
+def _closest(key: str) -> str:
+    """The valid key most similar to ``key``, comparing whole paths and leaf names."""
+    leaf = key.rsplit(".", 1)[-1]
+
+    def score(candidate: str) -> float:
+        whole = difflib.SequenceMatcher(None, key, candidate).ratio()
+        leaves = difflib.SequenceMatcher(None, leaf, candidate.rsplit(".", 1)[-1]).ratio()
+        # A key in the right section is the likelier intent.
+        same_section = candidate.rsplit(".", 1)[0] == key.rsplit(".", 1)[0] and "." in candidate
+        return max(whole, leaves) + 0.2 * same_section
+
+    return max(SCHEMA_TYPES, key=score)
+
+
+def _check_keys(data: dict, source: str, prefix: str = "") -> None:
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if key not in SCHEMA_TYPES:
+            raise OreError(f"{source}: unknown key {key}; did you mean {_closest(key)}?")
+        is_section = dataclasses.is_dataclass(SCHEMA_TYPES[key])
+        if is_section and not isinstance(v, dict):
+            raise OreError(f"{source}: key {key} is a section; expected a mapping, got {v!r}")
+        if is_section:
+            _check_keys(v, source, key + ".")
+
+
+def _merge_into(cfg: DictConfig, data: dict, source: str) -> DictConfig:
+    _check_keys(data, source)
+    try:
+        return OmegaConf.merge(cfg, data)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        value = _lookup(data, key)
+        expected = _type_name(SCHEMA_TYPES.get(key, None))
+        raise OreError(
+            f"{source}: key {key}: value {value!r} is not of the expected type {expected}"
+        ) from None
+
+
+def _lookup(data: dict, dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return "?"
+    return node
+
+
+def resolve_config_path(path: str | Path, relative_to: Path | None = None) -> Path:
+    """Find a config file: as given, relative to ``relative_to``, or under detection_configs/."""
+    p = Path(path)
+    candidates = [p] if p.is_absolute() else [
+        *([relative_to / p] if relative_to else []), p, CONFIG_ROOT / p
+    ]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    raise OreError(f"config file not found: {path}")
+
+
+def _read_chain(path: Path, stack: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
+    """The file and its ``_BASE_`` ancestors, root first."""
+    if path in stack:
+        chain = " -> ".join(str(p) for p in (*stack, path))
+        raise OreError(f"config inheritance loops: {chain}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise OreError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(data, dict):
+        raise OreError(f"{path}: expected a mapping of config keys at the top level")
+    base = data.pop("_BASE_", None)
+    chain: list[tuple[Path, dict]] = []
+    if base is not None:
+        if not isinstance(base, str):
+            raise OreError(f"{path}: _BASE_ must be a path string, got {base!r}")
+        chain = _read_chain(resolve_config_path(base, path.parent), (*stack, path))
+    return [*chain, (path, data)]
+
+
+def parse_override(text: str) -> dict:
+    """``A.B.C=value`` → ``{"A": {"B": {"C": value}}}`` with the value parsed as YAML."""
+    if "=" not in text:
+        raise OreError(f"override {text!r}: expected KEY=VALUE, e.g. SOLVER.BASE_LR=0.02")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    nested: dict = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> DictConfig:
+    """Defaults, then the YAML chain of ``path`` (root first), then ``KEY=VALUE`` overrides."""
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        for file, data in _read_chain(resolve_config_path(path)):
+            cfg = _merge_into(cfg, data, str(file))
+    for text in overrides:
+        cfg = _merge_into(cfg, parse_override(text), f"override {text!r}")
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def config_to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def config_from_dict(data: dict) -> DictConfig:
+    """Rebuild a config saved inside a checkpoint (validated like a file)."""
+    cfg = _merge_into(OmegaConf.structured(Config), data, "checkpoint config")
+    OmegaConf.set_readonly(cfg, True)
+    return cfg

@@ -1,0 +1,18 @@
+"""``ore config show CONFIG [KEY=VALUE …]``: print the merged configuration."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["show"], help="show: print the merged config as YAML")
+    p.add_argument("config", help="YAML config file (path, or relative to detection_configs/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ore.config import config_to_yaml, load_config
+
+    print(config_to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0

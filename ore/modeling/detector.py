@@ -1,0 +1,185 @@
+"""Faster R-CNN assembled from torchvision parts, configured by ``ore.config``.
+
+Shapes: B images, R RoIs, K classes over all tasks. The classifier has K + 2 outputs
+and never grows (SPEC §2): 0 = background, 1..K = classes in task order, K+1 = unknown.
+Classes not yet introduced are masked: their logits are −inf in training and at test
+time, so they get no gradient and never win. The standard (closed-set) head keeps
+``unknown`` masked as well; the ORE head activates it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign
+
+from ore.data.classes import TaskSplit
+from ore.errors import OreError
+from ore.modeling.backbone import build_fpn_backbone
+
+BACKBONES = {"resnet50_fpn": "resnet50", "resnet18_fpn": "resnet18", "tiny_fpn": "tiny"}
+ROI_HEADS = ("standard", "ore")
+
+
+class MaskedBoxPredictor(nn.Module):
+    """Class logits and class-specific box deltas, with inactive classes masked.
+
+    Args:
+        in_channels: width of the RoI feature.
+        num_outputs: K + 2 (background, K classes, unknown).
+    """
+
+    def __init__(self, in_channels: int, num_outputs: int):
+        super().__init__()
+        self.cls_score = nn.Linear(in_channels, num_outputs)
+        self.bbox_pred = nn.Linear(in_channels, num_outputs * 4)
+        # True where the class may be predicted; background always may.
+        self.register_buffer("active", torch.ones(num_outputs, dtype=torch.bool))
+
+    @torch.no_grad()
+    def set_active_classes(self, labels: Iterable[int]) -> None:
+        self.active.zero_()
+        self.active[0] = True
+        self.active[list(labels)] = True
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.flatten(start_dim=1)
+        logits = self.cls_score(x).masked_fill(~self.active, float("-inf"))  # [R, K+2]
+        return logits, self.bbox_pred(x)  # [R, K+2], [R, 4(K+2)]
+
+
+class DetectionTransform(GeneralizedRCNNTransform):
+    """Normalises and batches; resizes only at inference (the data layer resizes in training)."""
+
+    def resize(self, image, target=None):
+        if self.training:
+            return image, target
+        return super().resize(image, target)
+
+
+def active_labels(split: TaskSplit, task: int, with_unknown: bool) -> list[int]:
+    """Labels the classifier may predict at ``task``: every seen class (+ unknown)."""
+    labels = [split.label(c) for c in split.seen(task)]
+    return labels + [split.unknown_label] if with_unknown else labels
+
+
+def build_detector(cfg: DictConfig, split: TaskSplit) -> FasterRCNN:
+    """A Faster R-CNN for ``split`` from ``cfg`` (the caller loads any checkpoint)."""
+    m = cfg.MODEL
+    if m.BACKBONE.NAME not in BACKBONES:
+        raise OreError(
+            f"MODEL.BACKBONE.NAME: unknown backbone {m.BACKBONE.NAME!r}; "
+            f"expected one of {sorted(BACKBONES)}"
+        )
+    if m.ROI_HEADS.NAME not in ROI_HEADS:
+        raise OreError(f"MODEL.ROI_HEADS.NAME: {m.ROI_HEADS.NAME!r}; expected one of {ROI_HEADS}")
+    stages = tuple(m.BACKBONE.RETURNED_STAGES)
+    backbone = build_fpn_backbone(
+        arch=BACKBONES[m.BACKBONE.NAME], norm=m.BACKBONE.NORM, weights=m.BACKBONE.WEIGHTS or None,
+        trainable_layers=m.BACKBONE.TRAINABLE_LAYERS, returned_stages=stages,
+        out_channels=m.BACKBONE.FPN_CHANNELS,
+    )
+    levels = len(stages) + 1  # plus the max-pooled top level
+    if len(m.ANCHOR.SIZES) != levels:
+        raise OreError(
+            f"MODEL.ANCHOR.SIZES has {len(m.ANCHOR.SIZES)} levels; the backbone gives {levels} "
+            f"(one per MODEL.BACKBONE.RETURNED_STAGES entry plus the pooled level)"
+        )
+    anchors = AnchorGenerator(
+        sizes=tuple(tuple(s) for s in m.ANCHOR.SIZES),
+        aspect_ratios=(tuple(m.ANCHOR.ASPECT_RATIOS),) * levels,
+    )
+    res = m.ROI_BOX_HEAD.POOLER_RESOLUTION
+    roi_pool = MultiScaleRoIAlign(
+        featmap_names=[str(i) for i in range(len(stages))], output_size=res,
+        sampling_ratio=m.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
+    )
+    box_head = TwoMLPHead(m.BACKBONE.FPN_CHANNELS * res * res, m.ROI_BOX_HEAD.FC_DIM)
+    predictor = MaskedBoxPredictor(m.ROI_BOX_HEAD.FC_DIM, split.num_classes + 2)
+    inp, rpn, roi = cfg.INPUT, m.RPN, m.ROI_HEADS
+    model = FasterRCNN(
+        backbone,
+        num_classes=None,
+        rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=rpn.PRE_NMS_TOP_N_TRAIN,
+        rpn_pre_nms_top_n_test=rpn.PRE_NMS_TOP_N_TEST,
+        rpn_post_nms_top_n_train=rpn.POST_NMS_TOP_N_TRAIN,
+        rpn_post_nms_top_n_test=rpn.POST_NMS_TOP_N_TEST,
+        rpn_nms_thresh=rpn.NMS_THRESH,
+        rpn_fg_iou_thresh=rpn.FG_IOU_THRESH,
+        rpn_bg_iou_thresh=rpn.BG_IOU_THRESH,
+        rpn_batch_size_per_image=rpn.BATCH_SIZE_PER_IMAGE,
+        rpn_positive_fraction=rpn.POSITIVE_FRACTION,
+        box_roi_pool=roi_pool,
+        box_head=box_head,
+        box_predictor=predictor,
+        box_score_thresh=roi.SCORE_THRESH_TEST,
+        box_nms_thresh=roi.NMS_THRESH_TEST,
+        box_detections_per_img=roi.DETECTIONS_PER_IMAGE,
+        box_fg_iou_thresh=roi.FG_IOU_THRESH,
+        box_bg_iou_thresh=roi.BG_IOU_THRESH,
+        box_batch_size_per_image=roi.BATCH_SIZE_PER_IMAGE,
+        box_positive_fraction=roi.POSITIVE_FRACTION,
+    )
+    model.transform = DetectionTransform(
+        min_size=inp.MIN_SIZE_TEST, max_size=inp.MAX_SIZE_TEST,
+        image_mean=list(inp.PIXEL_MEAN), image_std=list(inp.PIXEL_STD),
+    )
+    task = split.check_task(cfg.OWOD.TASK)
+    predictor.set_active_classes(active_labels(split, task, m.ROI_HEADS.NAME == "ore"))
+    return model
+
+
+def checkpoint_meta(cfg: DictConfig, split: TaskSplit) -> dict:
+    """What a checkpoint must agree on to be loaded: the class layout and the head."""
+    return {
+        "classes": list(split.classes),
+        "roi_head": cfg.MODEL.ROI_HEADS.NAME,
+        "backbone": cfg.MODEL.BACKBONE.NAME,
+        "task": int(cfg.OWOD.TASK),
+    }
+
+
+def load_detector_weights(model: nn.Module, path: str, split: TaskSplit) -> dict:
+    """Load a detector checkpoint (``{"model": state_dict, "meta": …}``) into ``model``.
+
+    The class layout must match; the active-class mask is set by the config, not the file.
+    Returns the checkpoint's meta.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise OreError(f"weights file not found: {path}") from None
+    except Exception as exc:  # noqa: BLE001 - anything unreadable is the user's file
+        raise OreError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise OreError(f"{path}: not an ORE detector checkpoint (no 'model' state dict)")
+    meta = ckpt.get("meta") or {}
+    if meta.get("classes") is not None and list(meta["classes"]) != list(split.classes):
+        raise OreError(
+            f"{path}: checkpoint was trained for a different class layout "
+            f"({len(meta['classes'])} classes, first {meta['classes'][:3]}) than "
+            f"split {split.name} ({split.num_classes} classes, first {list(split.classes[:3])})"
+        )
+    state = dict(ckpt["model"])
+    active_key = "roi_heads.box_predictor.active"
+    state.pop(active_key, None)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and k != active_key]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if missing or unexpected or mismatched:
+        raise OreError(
+            f"{path}: does not fit this model ({len(missing)} missing keys, e.g. {missing[:2]}; "
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}; "
+            f"{len(mismatched)} of another shape, e.g. {mismatched[:2]})"
+        )
+    model.load_state_dict(state, strict=False)
+    return meta
