@@ -24,6 +24,7 @@ COCO_TO_VOC = {
     "potted plant": "pottedplant",
     "couch": "sofa",
     "tv": "tvmonitor",
+    "tv/monitor": "tvmonitor",  # the spelling of some VOC class lists
 }
 
 VOC_CLASSES = (

@@ -48,11 +48,11 @@ class ImageRecord:
     names: list[str] = field(default_factory=list)
     difficult: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
 
-    def select(self, keep: np.ndarray, names: list[str] | None = None) -> ImageRecord:
-        """A copy with only the objects where ``keep`` is true (names optionally replaced)."""
+    def select(self, keep: np.ndarray) -> ImageRecord:
+        """A copy with only the objects where ``keep`` is true."""
         keep = np.asarray(keep, bool)
-        kept_names = [n for n, k in zip(names or self.names, keep) if k]
-        return replace(self, boxes=self.boxes[keep], names=kept_names, difficult=self.difficult[keep])
+        names = [n for n, k in zip(self.names, keep) if k]
+        return replace(self, boxes=self.boxes[keep], names=names, difficult=self.difficult[keep])
 
 
 @dataclass
@@ -222,11 +222,9 @@ def load_coco_json(
         categories = {c["id"]: canonical_name(c["name"]) for c in data["categories"]}
         annotations = data.get("annotations", [])
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise OreError(f"{json_path}: not a COCO instances file ({type(exc).__name__}: {exc})")
-    if split is not None:
-        for name in categories.values():
-            if not split.is_known_name(name):
-                raise OreError(f"{json_path}: category {name!r} is in no task of split {split.name}")
+        raise OreError(
+            f"{json_path}: not a COCO instances file ({type(exc).__name__}: {exc})"
+        ) from None
     by_image: dict[int, list[dict]] = {}
     for i, ann in enumerate(annotations):
         try:
@@ -235,6 +233,11 @@ def load_coco_json(
                 raise KeyError(f"category_id {ann['category_id']}")
         except (KeyError, TypeError) as exc:
             raise OreError(f"{json_path}: annotation #{i} is malformed ({exc})") from None
+    if split is not None:  # only categories that objects use must belong to the split
+        for cat_id in sorted({a["category_id"] for a in annotations}):
+            if not split.is_known_name(categories[cat_id]):
+                raise OreError(f"{json_path}: category {categories[cat_id]!r} is in no task of "
+                               f"split {split.name}")
     stats = LoadStats()
     records, seen = [], set()
     for img in images:

@@ -113,14 +113,14 @@ class Trainer:
             params, lr=lr_at(cfg, 0), momentum=cfg.SOLVER.MOMENTUM,
             weight_decay=cfg.SOLVER.WEIGHT_DECAY,
         )
-        start = 0
+        start, rng_state = 0, None
         last = self.checkpointer.latest() if self.resume else None
         if last is not None:
             state = Checkpointer.load(last)
             load_detector_weights(model, str(last), self.split)
             optimizer.load_state_dict(state["optimizer"])
             start = int(state["iteration"])
-            torch.set_rng_state(state["rng"]["torch"])
+            rng_state = state["rng"]["torch"]
             log.info("resumed from %s at iteration %d", last, start)
         elif not self.resume and self.checkpointer.latest() is not None:
             raise OreError(f"{self.out} already holds checkpoints; pass --resume to continue "
@@ -128,7 +128,7 @@ class Trainer:
         atomic_write_text(self.out / "config.yaml", config_to_yaml(cfg))
         metrics_path = self.out / "metrics.jsonl"
         _truncate_metrics(metrics_path, start)
-        self._loop(model, optimizer, dataset, start, metrics_path)
+        self._loop(model, optimizer, dataset, start, metrics_path, rng_state)
         atomic_save(
             {"model": model.state_dict(), "meta": checkpoint_meta(cfg, self.split),
              "config": OmegaConf.to_container(cfg)},
@@ -136,7 +136,9 @@ class Trainer:
         )
         return final
 
-    def _loop(self, model, optimizer, dataset, start: int, metrics_path: Path) -> None:
+    def _loop(
+        self, model, optimizer, dataset, start: int, metrics_path: Path, rng_state=None
+    ) -> None:
         cfg = self.cfg
         max_iter = cfg.SOLVER.MAX_ITER
         if start >= max_iter:
@@ -151,8 +153,10 @@ class Trainer:
         t_last = time.perf_counter()
         images_seen = 0
         data_time = 0.0
-        it = iter(loader)
-        with open(metrics_path, "a") as metrics:
+        it = iter(loader)  # draws from the global generator: restore the state after it
+        if rng_state is not None:
+            torch.set_rng_state(rng_state)
+        with open(metrics_path, "a") as metrics, bar:
             for iteration in range(start, max_iter):
                 t0 = time.perf_counter()
                 batch = split_bad(next(it), cfg.DATALOADER.SKIP_BAD_IMAGES, counters)
@@ -200,8 +204,8 @@ class Trainer:
                     window.clear()
                     t_last, images_seen, data_time = now, 0, 0.0
                 if done % cfg.SOLVER.CHECKPOINT_PERIOD == 0 and done < max_iter:
-                    self.checkpointer.save(self._state(model, optimizer, done), f"model_{done:07d}.pth")
-        bar.close()
+                    self.checkpointer.save(self._state(model, optimizer, done),
+                                           f"model_{done:07d}.pth")
 
 
 def _truncate_metrics(path: Path, start: int) -> None:

@@ -139,7 +139,9 @@ def load_trunk_weights(trunk: nn.Module, path: str | Path) -> None:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is the user's file
-        raise OreError(f"MODEL.BACKBONE.WEIGHTS: {path} is not a readable state dict ({exc})")
+        raise OreError(
+            f"MODEL.BACKBONE.WEIGHTS: {path} is not a readable state dict ({type(exc).__name__})"
+        ) from None
     for key in ("backbone", "state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -1,0 +1,55 @@
+"""``ore dataset-stats``: images and objects per class of a split, after role filtering."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+
+def parse_task(text: str) -> int:
+    """``t2`` or ``2`` → 2."""
+    from ore.errors import OreError
+
+    raw = text[1:] if text.lower().startswith("t") else text
+    if not raw.isdigit() or int(raw) < 1:
+        raise OreError(f"task {text!r}: expected t1, t2, … (or 1, 2, …)")
+    return int(raw)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", required=True, help="dataset root (VOC/OWOD layout)")
+    p.add_argument("--split", required=True, help="list name, e.g. t1_train or all_task_test")
+    p.add_argument("--task", help="task (t1..tN) whose role filtering applies")
+    p.add_argument("--role", choices=["train", "finetune", "test"],
+                   help="split role (needs --task); without it objects are counted as annotated")
+    p.add_argument("--classes", default="owod", help="owod | sowod | toy | FILE.yaml")
+    p.add_argument("--format", default="voc", choices=["voc", "coco"])
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def dataset_stats(records) -> dict:
+    objects = Counter(n for r in records for n in r.names)
+    return {"images": len(records), "objects": dict(sorted(objects.items()))}
+
+
+def run(args: argparse.Namespace) -> int:
+    from ore.data.classes import load_task_split
+    from ore.data.records import apply_role, load_split
+    from ore.errors import OreError
+
+    split = load_task_split(args.classes)
+    records = load_split(args.root, args.split, split, args.format)
+    if (args.task is None) != (args.role is None):
+        raise OreError("--task and --role go together (e.g. --task t2 --role train)")
+    if args.role:
+        records = apply_role(records, split, parse_task(args.task), args.role)
+    stats = dataset_stats(records)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        print(f"images: {stats['images']}")
+        width = max((len(k) for k in stats["objects"]), default=5)
+        for name, count in sorted(stats["objects"].items(), key=lambda kv: -kv[1]):
+            print(f"  {name:<{width}}  {count}")
+    return 0

@@ -1,0 +1,60 @@
+"""Running a trained detector: load config + weights, predict on images or a split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from ore.data.classes import TaskSplit, load_task_split
+from ore.data.dataset import image_to_tensor
+from ore.engine.trainer import resolve_device
+from ore.modeling.detector import build_detector, load_detector_weights
+
+
+@dataclass
+class Detections:
+    """Detections of one image in its pixel coordinates (0-based xyxy)."""
+
+    boxes: np.ndarray  # float32 [D, 4]
+    labels: np.ndarray  # int64 [D], SPEC §2 layout
+    scores: np.ndarray  # float32 [D]
+    names: list[str]
+
+
+class Predictor:
+    """A detector in eval mode on a device, with its class split.
+
+    Args:
+        cfg: the config (class split, task, model and test-time input sizes).
+        weights: a detector checkpoint written by ``ore train``.
+        score_thresh: overrides ``MODEL.ROI_HEADS.SCORE_THRESH_TEST`` when given.
+    """
+
+    def __init__(self, cfg: DictConfig, weights: str, score_thresh: float | None = None):
+        self.cfg = cfg
+        self.split: TaskSplit = load_task_split(cfg.DATASETS.CLASSES)
+        self.device = resolve_device(cfg.DEVICE)
+        self.model = build_detector(cfg, self.split)
+        load_detector_weights(self.model, weights, self.split)
+        if score_thresh is not None:
+            self.model.roi_heads.score_thresh = float(score_thresh)
+        self.model.to(self.device).eval()
+
+    @torch.inference_mode()
+    def predict_tensors(self, images: list[torch.Tensor]) -> list[Detections]:
+        outputs = self.model([im.to(self.device) for im in images])
+        names = self.split.label_names
+        result = []
+        for o in outputs:
+            labels = o["labels"].cpu().numpy().astype(np.int64)
+            result.append(Detections(
+                boxes=o["boxes"].float().cpu().numpy(), labels=labels,
+                scores=o["scores"].float().cpu().numpy(), names=[names[i] for i in labels],
+            ))
+        return result
+
+    def predict(self, images_rgb: list[np.ndarray]) -> list[Detections]:
+        return self.predict_tensors([image_to_tensor(im) for im in images_rgb])
