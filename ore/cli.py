@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dataset-stats": ("ore.data.stats", "count images and objects of a split after role filtering"),
     "train": ("ore.engine.train_cli", "train a detector from a config"),
     "detect": ("ore.engine.detect", "detect objects (and unknowns) in images"),
+    "evaluate": ("ore.engine.evaluate", "run a detector on a split: open-world metrics"),
     "pretrain": ("ore.contrastive.pretrain", "contrastive pretraining of a backbone trunk"),
     "eval-detections": ("ore.evaluation.cli", "evaluate a detections JSON file (open-world)"),
 }

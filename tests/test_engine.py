@@ -7,8 +7,8 @@ import torch
 
 from ore.cli import main
 from ore.config import load_config
-from ore.engine.checkpoint import atomic_write
 from ore.engine.trainer import FINAL, Trainer, lr_at, read_metrics
+from ore.fileio import atomic_write
 
 
 def quick_cfg(toy_root, *extra):
@@ -55,6 +55,17 @@ def test_train_checkpoint_detect_round_trip(toy_root, tmp_path, capsys):
         for (x1, y1, x2, y2), label in zip(r["boxes"], r["labels"]):
             assert 0 <= x1 <= x2 <= w and 0 <= y1 <= y2 <= h  # original pixel coordinates
             assert label in {"circle", "square", "triangle", "cross", "star"}  # task-1 classes
+    # The same weights through the open-world evaluator on the toy test list.
+    metrics_file = tmp_path / "eval.json"
+    assert main(["evaluate", "--config", "toy/t1_train.yaml", "--weights", str(final),
+                 "--output", str(metrics_file), f"DATASETS.ROOT={toy_root}",
+                 "DATALOADER.NUM_WORKERS=0"]) == 0
+    result = json.loads(metrics_file.read_text())
+    assert set(result["per_class_ap"]) == {"circle", "square", "triangle", "cross", "star",
+                                           "unknown"}
+    assert result["known_mAP_prev"] is None  # task 1 has no previously known class
+    assert result["unknown_recall"] == 0.0  # the closed-set head never says unknown
+    assert "known mAP50 both" in capsys.readouterr().out
     # A second run into the same folder without --resume is refused.
     assert main(["train", "--config", "toy/t1_train.yaml", "--output", str(out),
                  f"DATASETS.ROOT={toy_root}"]) == 2

@@ -186,6 +186,15 @@ BUILTIN_SPLITS = {
 }
 
 
+def parse_task(text: str | int) -> int:
+    """``t2`` or ``2`` → 2 (checked against a split by :meth:`TaskSplit.check_task`)."""
+    raw = str(text).strip().lower()
+    digits = raw[1:] if raw.startswith("t") else raw
+    if not digits.isdigit() or int(digits) < 1:
+        raise OreError(f"task {text!r}: expected t1, t2, … (or 1, 2, …)")
+    return int(digits)
+
+
 def load_task_split(spec: str | Path) -> TaskSplit:
     """A built-in split by name (``owod``, ``sowod``, ``toy``) or a YAML file.
 

@@ -7,16 +7,6 @@ import json
 from collections import Counter
 
 
-def parse_task(text: str) -> int:
-    """``t2`` or ``2`` → 2."""
-    from ore.errors import OreError
-
-    raw = text[1:] if text.lower().startswith("t") else text
-    if not raw.isdigit() or int(raw) < 1:
-        raise OreError(f"task {text!r}: expected t1, t2, … (or 1, 2, …)")
-    return int(raw)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", required=True, help="dataset root (VOC/OWOD layout)")
     p.add_argument("--split", required=True, help="list name, e.g. t1_train or all_task_test")
@@ -34,7 +24,7 @@ def dataset_stats(records) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ore.data.classes import load_task_split
+    from ore.data.classes import load_task_split, parse_task
     from ore.data.records import apply_role, load_split
     from ore.errors import OreError
 

@@ -42,9 +42,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ore.config import load_config
     from ore.data.dataset import read_image_rgb
-    from ore.engine.checkpoint import atomic_write, atomic_write_json
     from ore.engine.inference import Predictor
     from ore.errors import OreError
+    from ore.fileio import atomic_write, atomic_write_json
     from ore.vis import draw_detections
 
     if args.score_thresh is not None and not 0.0 <= args.score_thresh <= 1.0:

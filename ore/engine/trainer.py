@@ -21,8 +21,9 @@ from ore.config import config_to_yaml
 from ore.data.classes import TaskSplit, load_task_split
 from ore.data.dataset import DetectionDataset, TrainTransform, make_train_loader, split_bad
 from ore.data.records import apply_role, load_split
-from ore.engine.checkpoint import Checkpointer, atomic_save, atomic_write_text
+from ore.engine.checkpoint import Checkpointer
 from ore.errors import OreError
+from ore.fileio import atomic_save, atomic_write_text
 from ore.modeling.detector import build_detector, checkpoint_meta, load_detector_weights
 
 log = logging.getLogger(__name__)
