@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("ore.engine.train_cli", "train a detector from a config"),
     "detect": ("ore.engine.detect", "detect objects (and unknowns) in images"),
     "evaluate": ("ore.engine.evaluate", "run a detector on a split: open-world metrics"),
+    "run-tasks": ("ore.engine.tasks", "train, finetune and evaluate every task in turn"),
+    "build-exemplars": ("ore.data.exemplars", "write a balanced exemplar list for a finetune"),
     "pretrain": ("ore.contrastive.pretrain", "contrastive pretraining of a backbone trunk"),
     "eval-detections": ("ore.evaluation.cli", "evaluate a detections JSON file (open-world)"),
 }

@@ -177,12 +177,51 @@ class SolverConfig:
     KEEP_CHECKPOINTS: int = 3
     # Log losses and the learning rate to metrics.jsonl every this many iterations.
     LOG_PERIOD: int = 20
+    # Mixed precision: off | bf16 (CUDA or CPU autocast) | fp16 (CUDA only, with a GradScaler).
+    AMP: str = "off"
 
 
 @dataclass
 class OWODConfig:
     # Current task (1-based): which classes are introduced / seen.
     TASK: int = 1
+    # Proposals auto-labelled `unknown` per training image (ORE head).
+    NUM_UNK_PER_IMAGE: int = 1
+    # Where they are picked: proposals (all post-NMS proposals) | sampled (the reference:
+    # among the sampled background RoIs).
+    UNK_SOURCE: str = "proposals"
+    # A candidate unknown overlaps every GT box by less than this IoU.
+    UNK_IOU_THRESH: float = 0.5
+
+
+@dataclass
+class ClusteringConfig:
+    # Contrastive clustering of RoI features around class prototypes (ORE head only).
+    ENABLED: bool = True
+    # Length of each class's feature queue.
+    ITEMS_PER_CLASS: int = 20
+    # Hinge margin Δ: features are pushed at least this far from other classes' prototypes.
+    MARGIN: float = 10.0
+    # Order p of the Minkowski distance between a feature and a prototype (2 = Euclidean).
+    DISTANCE_P: float = 2.0
+    # Iteration at which prototypes are first computed and the loss switches on.
+    START_ITER: int = 1000
+    # Prototypes move every this many iterations after START_ITER.
+    UPDATE_MU_ITER: int = 3000
+    # Momentum η of prototype updates: p <- η p + (1 - η) mean(queue).
+    MOMENTUM: float = 0.99
+    # Weight of the clustering loss.
+    LOSS_WEIGHT: float = 0.1
+
+
+@dataclass
+class ExemplarsConfig:
+    # Images per seen class in the balanced exemplar set of a finetune (reference: 50).
+    PER_CLASS: int = 50
+    # `ore run-tasks` builds the exemplar list itself (else DATASETS.TRAIN is used as given).
+    BUILD: bool = True
+    # Training lists to draw exemplars from; empty = t1_train … t<TASK>_train.
+    SOURCES: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -193,6 +232,8 @@ class Config:
     DATALOADER: DataLoaderConfig = field(default_factory=DataLoaderConfig)
     SOLVER: SolverConfig = field(default_factory=SolverConfig)
     OWOD: OWODConfig = field(default_factory=OWODConfig)
+    CLUSTERING: ClusteringConfig = field(default_factory=ClusteringConfig)
+    EXEMPLARS: ExemplarsConfig = field(default_factory=ExemplarsConfig)
     # Device: auto (CUDA when available) | cpu | cuda | cuda:N.
     DEVICE: str = "auto"
     # Seed for every random generator; the same seed and inputs give the same run.

@@ -179,18 +179,27 @@ def _find_image(image_dir: Path, image_id: str) -> Path:
     raise OreError(f"image for listed id {image_id!r} not found: {image_dir / image_id}.jpg")
 
 
+def list_path(root: Path, split_name: str) -> Path:
+    """``<root>/ImageSets/Main/<name>.txt``, or ``split_name`` itself when it is a .txt path
+    (e.g. an exemplar list written next to a checkpoint)."""
+    if split_name.endswith(".txt"):
+        return Path(split_name)
+    return root / "ImageSets" / "Main" / f"{split_name}.txt"
+
+
 def load_voc_split(
     root: str | Path, split_name: str, split: TaskSplit | None = None,
     image_dir: str = "JPEGImages",
 ) -> list[ImageRecord]:
-    """Records of every image listed in ``<root>/ImageSets/Main/<split_name>.txt``.
+    """Records of every image listed in ``<root>/ImageSets/Main/<split_name>.txt`` (or in the
+    list file ``split_name`` when it ends with ``.txt``).
 
     Each annotation file is parsed once; each listed image must exist.
     """
     root = Path(root)
     if not root.is_dir():
         raise OreError(f"dataset root not found: {root}")
-    ids = read_image_list(root / "ImageSets" / "Main" / f"{split_name}.txt")
+    ids = read_image_list(list_path(root, split_name))
     stats = LoadStats()
     images = root / image_dir
     records = [
@@ -284,6 +293,8 @@ def load_split(
     if fmt == "voc":
         return load_voc_split(root, split_name, split, image_dir)
     if fmt == "coco":
+        if split_name.endswith(".txt"):
+            raise OreError(f"list file {split_name}: image lists need DATASETS.FORMAT=voc")
         root = Path(root)
         if not root.is_dir():
             raise OreError(f"dataset root not found: {root}")

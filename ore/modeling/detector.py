@@ -14,15 +14,19 @@ from collections.abc import Iterable
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 from ore.data.classes import TaskSplit
 from ore.errors import OreError
 from ore.modeling.backbone import build_fpn_backbone
+from ore.modeling.clustering import PrototypeStore
+from ore.modeling.roi_heads import UNK_SOURCES, ORERoIHeads, StandardRoIHeads
+from ore.modeling.rpn import ScoredRPN
 
 BACKBONES = {"resnet50_fpn": "resnet50", "resnet18_fpn": "resnet18", "tiny_fpn": "tiny"}
 ROI_HEADS = ("standard", "ore")
@@ -70,7 +74,30 @@ def active_labels(split: TaskSplit, task: int, with_unknown: bool) -> list[int]:
     return labels + [split.unknown_label] if with_unknown else labels
 
 
-def build_detector(cfg: DictConfig, split: TaskSplit) -> FasterRCNN:
+class OpenWorldRCNN(GeneralizedRCNN):
+    """Backbone → scored RPN → RoI heads, with proposal objectness passed to the heads.
+
+    Training returns a dict of ``loss_*`` tensors; inference a list of per-image dicts
+    (``boxes`` in the input image's pixels, ``labels``, ``scores``; the ORE head adds
+    ``logits`` and ``features``).
+    """
+
+    def forward(self, images, targets=None):
+        if self.training and targets is None:
+            raise ValueError("targets are required in training")
+        original_sizes = [tuple(img.shape[-2:]) for img in images]
+        image_list, targets = self.transform(images, targets)
+        features = self.backbone(image_list.tensors)
+        proposals, scores, rpn_losses = self.rpn(image_list, features, targets)
+        detections, head_losses = self.roi_heads(
+            features, proposals, image_list.image_sizes, targets, scores
+        )
+        if self.training:
+            return {**head_losses, **rpn_losses}
+        return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+
+
+def build_detector(cfg: DictConfig, split: TaskSplit) -> OpenWorldRCNN:
     """A Faster R-CNN for ``split`` from ``cfg`` (the caller loads any checkpoint)."""
     m = cfg.MODEL
     if m.BACKBONE.NAME not in BACKBONES:
@@ -80,6 +107,8 @@ def build_detector(cfg: DictConfig, split: TaskSplit) -> FasterRCNN:
         )
     if m.ROI_HEADS.NAME not in ROI_HEADS:
         raise OreError(f"MODEL.ROI_HEADS.NAME: {m.ROI_HEADS.NAME!r}; expected one of {ROI_HEADS}")
+    if cfg.OWOD.UNK_SOURCE not in UNK_SOURCES:
+        raise OreError(f"OWOD.UNK_SOURCE: {cfg.OWOD.UNK_SOURCE!r}; expected one of {UNK_SOURCES}")
     stages = tuple(m.BACKBONE.RETURNED_STAGES)
     backbone = build_fpn_backbone(
         arch=BACKBONES[m.BACKBONE.NAME], norm=m.BACKBONE.NORM, weights=m.BACKBONE.WEIGHTS or None,
@@ -96,44 +125,56 @@ def build_detector(cfg: DictConfig, split: TaskSplit) -> FasterRCNN:
         sizes=tuple(tuple(s) for s in m.ANCHOR.SIZES),
         aspect_ratios=(tuple(m.ANCHOR.ASPECT_RATIOS),) * levels,
     )
+    rpn_cfg = m.RPN
+    rpn = ScoredRPN(
+        anchors, RPNHead(m.BACKBONE.FPN_CHANNELS, anchors.num_anchors_per_location()[0]),
+        rpn_cfg.FG_IOU_THRESH, rpn_cfg.BG_IOU_THRESH, rpn_cfg.BATCH_SIZE_PER_IMAGE,
+        rpn_cfg.POSITIVE_FRACTION,
+        dict(training=rpn_cfg.PRE_NMS_TOP_N_TRAIN, testing=rpn_cfg.PRE_NMS_TOP_N_TEST),
+        dict(training=rpn_cfg.POST_NMS_TOP_N_TRAIN, testing=rpn_cfg.POST_NMS_TOP_N_TEST),
+        rpn_cfg.NMS_THRESH,
+    )
     res = m.ROI_BOX_HEAD.POOLER_RESOLUTION
-    roi_pool = MultiScaleRoIAlign(
-        featmap_names=[str(i) for i in range(len(stages))], output_size=res,
-        sampling_ratio=m.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
+    roi = m.ROI_HEADS
+    common = dict(
+        box_roi_pool=MultiScaleRoIAlign(
+            featmap_names=[str(i) for i in range(len(stages))], output_size=res,
+            sampling_ratio=m.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO,
+        ),
+        box_head=TwoMLPHead(m.BACKBONE.FPN_CHANNELS * res * res, m.ROI_BOX_HEAD.FC_DIM),
+        box_predictor=MaskedBoxPredictor(m.ROI_BOX_HEAD.FC_DIM, split.num_classes + 2),
+        fg_iou_thresh=roi.FG_IOU_THRESH, bg_iou_thresh=roi.BG_IOU_THRESH,
+        batch_size_per_image=roi.BATCH_SIZE_PER_IMAGE, positive_fraction=roi.POSITIVE_FRACTION,
+        score_thresh=roi.SCORE_THRESH_TEST, nms_thresh=roi.NMS_THRESH_TEST,
+        detections_per_img=roi.DETECTIONS_PER_IMAGE,
     )
-    box_head = TwoMLPHead(m.BACKBONE.FPN_CHANNELS * res * res, m.ROI_BOX_HEAD.FC_DIM)
-    predictor = MaskedBoxPredictor(m.ROI_BOX_HEAD.FC_DIM, split.num_classes + 2)
-    inp, rpn, roi = cfg.INPUT, m.RPN, m.ROI_HEADS
-    model = FasterRCNN(
-        backbone,
-        num_classes=None,
-        rpn_anchor_generator=anchors,
-        rpn_pre_nms_top_n_train=rpn.PRE_NMS_TOP_N_TRAIN,
-        rpn_pre_nms_top_n_test=rpn.PRE_NMS_TOP_N_TEST,
-        rpn_post_nms_top_n_train=rpn.POST_NMS_TOP_N_TRAIN,
-        rpn_post_nms_top_n_test=rpn.POST_NMS_TOP_N_TEST,
-        rpn_nms_thresh=rpn.NMS_THRESH,
-        rpn_fg_iou_thresh=rpn.FG_IOU_THRESH,
-        rpn_bg_iou_thresh=rpn.BG_IOU_THRESH,
-        rpn_batch_size_per_image=rpn.BATCH_SIZE_PER_IMAGE,
-        rpn_positive_fraction=rpn.POSITIVE_FRACTION,
-        box_roi_pool=roi_pool,
-        box_head=box_head,
-        box_predictor=predictor,
-        box_score_thresh=roi.SCORE_THRESH_TEST,
-        box_nms_thresh=roi.NMS_THRESH_TEST,
-        box_detections_per_img=roi.DETECTIONS_PER_IMAGE,
-        box_fg_iou_thresh=roi.FG_IOU_THRESH,
-        box_bg_iou_thresh=roi.BG_IOU_THRESH,
-        box_batch_size_per_image=roi.BATCH_SIZE_PER_IMAGE,
-        box_positive_fraction=roi.POSITIVE_FRACTION,
-    )
-    model.transform = DetectionTransform(
+    if roi.NAME == "ore":
+        c, o = cfg.CLUSTERING, cfg.OWOD
+        store = PrototypeStore(
+            split.num_classes + 1, m.ROI_BOX_HEAD.FC_DIM, items_per_class=c.ITEMS_PER_CLASS,
+            momentum=c.MOMENTUM, start_iter=c.START_ITER, update_every=c.UPDATE_MU_ITER,
+        )
+        heads = ORERoIHeads(
+            **common, unknown_label=split.unknown_label, num_unk_per_image=o.NUM_UNK_PER_IMAGE,
+            unk_source=o.UNK_SOURCE, unk_iou_thresh=o.UNK_IOU_THRESH,
+            store=store, clustering_enabled=c.ENABLED, clustering_margin=c.MARGIN,
+            distance_p=c.DISTANCE_P, clustering_weight=c.LOSS_WEIGHT,
+        )
+    else:
+        heads = StandardRoIHeads(
+            common["box_roi_pool"], common["box_head"], common["box_predictor"],
+            roi.FG_IOU_THRESH, roi.BG_IOU_THRESH, roi.BATCH_SIZE_PER_IMAGE,
+            roi.POSITIVE_FRACTION, None, roi.SCORE_THRESH_TEST, roi.NMS_THRESH_TEST,
+            roi.DETECTIONS_PER_IMAGE,
+        )
+    inp = cfg.INPUT
+    transform = DetectionTransform(
         min_size=inp.MIN_SIZE_TEST, max_size=inp.MAX_SIZE_TEST,
         image_mean=list(inp.PIXEL_MEAN), image_std=list(inp.PIXEL_STD),
     )
+    model = OpenWorldRCNN(backbone, rpn, heads, transform)
     task = split.check_task(cfg.OWOD.TASK)
-    predictor.set_active_classes(active_labels(split, task, m.ROI_HEADS.NAME == "ore"))
+    heads.box_predictor.set_active_classes(active_labels(split, task, roi.NAME == "ore"))
     return model
 
 

@@ -1,0 +1,139 @@
+"""``ore run-tasks``: the whole incremental schedule, task by task, resumable.
+
+For each task t (configs ``tN_train.yaml`` and optional ``tN_ft.yaml`` in one folder):
+train (from task t−1's final weights, prototypes included), build the balanced exemplar
+list and finetune on it, then evaluate on ``DATASETS.TEST`` before and after the
+finetune. Every step writes into ``<output>/tN_train`` / ``<output>/tN_ft``; a step whose
+result exists is skipped and an interrupted training resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+_TASK_FILE = re.compile(r"^t(\d+)_(train|ft)\.yaml$")
+
+
+def discover_tasks(config_dir: Path) -> list[tuple[int, Path, Path | None]]:
+    """``[(t, tN_train.yaml, tN_ft.yaml or None), …]`` in task order."""
+    from ore.errors import OreError
+
+    if not config_dir.is_dir():
+        raise OreError(f"config folder not found: {config_dir}")
+    found: dict[int, dict[str, Path]] = {}
+    for p in config_dir.iterdir():
+        m = _TASK_FILE.match(p.name)
+        if m:
+            found.setdefault(int(m.group(1)), {})[m.group(2)] = p
+    if not found:
+        raise OreError(f"{config_dir} has no task configs (t1_train.yaml, t2_train.yaml, …)")
+    tasks = []
+    for t in sorted(found):
+        if "train" not in found[t]:
+            raise OreError(f"{config_dir}: t{t}_ft.yaml has no t{t}_train.yaml")
+        tasks.append((t, found[t]["train"], found[t].get("ft")))
+    if [t for t, _, _ in tasks] != list(range(1, len(tasks) + 1)):
+        raise OreError(f"{config_dir}: tasks must be numbered 1..N without gaps")
+    return tasks
+
+
+def _evaluate(cfg, weights: Path, out_file: Path) -> dict:
+    from ore.engine.evaluate import evaluate_model
+    from ore.engine.inference import Predictor
+    from ore.evaluation.evaluator import RESULT_KEYS
+    from ore.fileio import atomic_write_json
+
+    if out_file.is_file():
+        return json.loads(out_file.read_text())
+    result, _ = evaluate_model(Predictor(cfg, str(weights)), cfg.DATASETS.TEST, details=False)
+    result = {k: result[k] for k in RESULT_KEYS}
+    atomic_write_json(out_file, result)
+    return result
+
+
+def run_tasks(config_dir: str | Path, output: str | Path, overrides: list[str] = (),
+              evaluate: bool = True) -> dict:
+    """Run every task; returns ``{"t1": {"train": metrics, "ft": metrics|None}, …}``."""
+    from ore.config import load_config
+    from ore.data.exemplars import build_exemplar_list
+    from ore.engine.trainer import Trainer
+    from ore.errors import OreError
+    from ore.fileio import atomic_write_json, atomic_write_text
+
+    out = Path(output)
+    summary: dict = {}
+    prev: Path | None = None
+    for t, train_file, ft_file in discover_tasks(Path(config_dir)):
+        init = [f"MODEL.WEIGHTS={prev}"] if prev else []
+        cfg = load_config(train_file, [*overrides, *init])
+        if cfg.OWOD.TASK != t:
+            raise OreError(f"{train_file}: OWOD.TASK is {cfg.OWOD.TASK}, expected {t}")
+        final = Trainer(cfg, out / f"t{t}_train", resume=True).run()
+        summary[f"t{t}"] = {"train": None, "ft": None}
+        if evaluate:
+            summary[f"t{t}"]["train"] = _evaluate(cfg, final, out / f"t{t}_train" / "eval.json")
+        if ft_file is not None:
+            ft_dir = out / f"t{t}_ft"
+            ft_overrides = [*overrides, f"MODEL.WEIGHTS={final}"]
+            ft_cfg = load_config(ft_file, ft_overrides)
+            if ft_cfg.OWOD.TASK != t:
+                raise OreError(f"{ft_file}: OWOD.TASK is {ft_cfg.OWOD.TASK}, expected {t}")
+            if ft_cfg.EXEMPLARS.BUILD:
+                # The chosen images are kept next to the finetuned checkpoint.
+                list_file = ft_dir / "exemplars.txt"
+                if not list_file.is_file():
+                    ids = build_exemplar_list(ft_cfg)
+                    atomic_write_text(list_file, "".join(i + "\n" for i in ids))
+                ft_cfg = load_config(ft_file, [*ft_overrides, f"DATASETS.TRAIN={list_file}"])
+            final = Trainer(ft_cfg, ft_dir, resume=True).run()
+            if evaluate:
+                summary[f"t{t}"]["ft"] = _evaluate(ft_cfg, final, ft_dir / "eval.json")
+        prev = final
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    def f(x, digits=2):
+        return "-" if x is None else (str(x) if isinstance(x, int) else f"{x:.{digits}f}")
+
+    header = (f"{'task':<10}{'prev mAP':>10}{'cur mAP':>10}{'both mAP':>10}{'U-Recall':>10}"
+              f"{'WI@0.8':>9}{'A-OSE':>8}")
+    lines = [header, "-" * len(header)]
+    for task, stages in summary.items():
+        for stage in ("train", "ft"):
+            r = stages.get(stage)
+            if r is None:
+                continue
+            lines.append(
+                f"{task + ' ' + stage:<10}{f(r['known_mAP_prev']):>10}"
+                f"{f(r['known_mAP_current']):>10}{f(r['known_mAP_both']):>10}"
+                f"{f(r['unknown_recall']):>10}{f(r['wilderness_impact']['0.8'], 4):>9}"
+                f"{f(r['a_ose']):>8}"
+            )
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--configs", required=True,
+                   help="folder with t1_train.yaml, t2_train.yaml, t2_ft.yaml, …")
+    p.add_argument("--output", required=True, help="run folder (one sub-folder per step)")
+    p.add_argument("--no-eval", action="store_true", help="train only")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="overrides for every task, e.g. MODEL.ROI_HEADS.NAME=standard")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ore.config import CONFIG_ROOT
+
+    config_dir = Path(args.configs)
+    if not config_dir.is_dir() and (CONFIG_ROOT / args.configs).is_dir():
+        config_dir = CONFIG_ROOT / args.configs
+    summary = run_tasks(config_dir, args.output, args.overrides, evaluate=not args.no_eval)
+    if not args.no_eval:
+        print(format_summary(summary))
+    print(f"results in {args.output}/summary.json")
+    return 0
