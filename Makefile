@@ -22,7 +22,7 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 DEMO := runs/demo
 
 # The toy world, a task-1 detector trained on it (resumable), and detections drawn on
-# test images (unknown-class shapes are never labelled by this closed-set baseline).
+# test images (shapes of classes never taught are drawn as `unknown`, in magenta).
 demo: $(STAMP)
 	test -d $(DEMO)/toy-data || $(BIN)/ore make-toy-data --out $(DEMO)/toy-data
 	$(BIN)/ore train --config toy/t1_train.yaml --output $(DEMO)/t1_train --resume \

@@ -4,20 +4,36 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from ore.cli import main
 from ore.config import load_config
 from ore.engine.trainer import FINAL, Trainer, lr_at, read_metrics
 from ore.fileio import atomic_write
 
+QUICK = ["SOLVER.IMS_PER_BATCH=2", "SOLVER.MAX_ITER=6", "SOLVER.CHECKPOINT_PERIOD=3",
+         "SOLVER.LOG_PERIOD=2", "SOLVER.WARMUP_ITERS=2", "SOLVER.STEPS=[4]",
+         "DATALOADER.NUM_WORKERS=0", "INPUT.MIN_SIZE_TRAIN=[96,112]", "DETERMINISTIC=true",
+         "MODEL.ROI_HEADS.NAME=standard"]
+
 
 def quick_cfg(toy_root, *extra):
-    return load_config("toy/t1_train.yaml", [
-        f"DATASETS.ROOT={toy_root}", "SOLVER.IMS_PER_BATCH=2", "SOLVER.MAX_ITER=6",
-        "SOLVER.CHECKPOINT_PERIOD=3", "SOLVER.LOG_PERIOD=2", "SOLVER.WARMUP_ITERS=2",
-        "SOLVER.STEPS=[4]", "DATALOADER.NUM_WORKERS=0", "INPUT.MIN_SIZE_TRAIN=[96,112]",
-        "DETERMINISTIC=true", *extra,
-    ])
+    return load_config("toy/t1_train.yaml", [f"DATASETS.ROOT={toy_root}", *QUICK, *extra])
+
+
+def quick_config_file(toy_root, folder) -> str:
+    """The quick settings written as a config file, for commands that take no overrides."""
+    data: dict = {"_BASE_": "toy/t1_train.yaml"}
+    for item in [f"DATASETS.ROOT={toy_root}", *QUICK]:
+        key, value = item.split("=", 1)
+        *sections, leaf = key.split(".")
+        node = data
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = yaml.safe_load(value)
+    path = folder / "quick.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
 
 
 def test_lr_schedule_matches_hand_values():
@@ -42,7 +58,8 @@ def test_train_checkpoint_detect_round_trip(toy_root, tmp_path, capsys):
     assert not list(out.glob(".*tmp"))  # no temporary files left behind
     images = sorted((toy_root / "JPEGImages").glob("*.jpg"))[:3]
     det_dir = tmp_path / "det"
-    rc = main(["detect", "--config", "toy/t1_train.yaml", "--weights", str(final),
+    cfg_file = quick_config_file(toy_root, tmp_path)
+    rc = main(["detect", "--config", cfg_file, "--weights", str(final),
                *map(str, images), "--output", str(det_dir), "--score-thresh", "0.0"])
     assert rc == 0
     records = json.loads((det_dir / "detections.json").read_text())
@@ -57,9 +74,8 @@ def test_train_checkpoint_detect_round_trip(toy_root, tmp_path, capsys):
             assert label in {"circle", "square", "triangle", "cross", "star"}  # task-1 classes
     # The same weights through the open-world evaluator on the toy test list.
     metrics_file = tmp_path / "eval.json"
-    assert main(["evaluate", "--config", "toy/t1_train.yaml", "--weights", str(final),
-                 "--output", str(metrics_file), f"DATASETS.ROOT={toy_root}",
-                 "DATALOADER.NUM_WORKERS=0"]) == 0
+    assert main(["evaluate", "--config", cfg_file, "--weights", str(final),
+                 "--output", str(metrics_file)]) == 0
     result = json.loads(metrics_file.read_text())
     assert set(result["per_class_ap"]) == {"circle", "square", "triangle", "cross", "star",
                                            "unknown"}
