@@ -1,0 +1,171 @@
+"""The five pretraining methods of ``ore pretrain`` as modules over one trunk.
+
+Each method owns ``trunk`` (the backbone that is saved), its heads and its loss, and maps
+two augmented views (plus labels and dataset indices) to a scalar loss. Only ``trunk`` is
+written to the output; heads, key encoders and queues are training scaffolding.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ore.contrastive.heads import PredictionHead, ProjectionHead
+from ore.contrastive.memory import FeatureQueue, momentum_update
+from ore.contrastive.moco import MoCo
+from ore.contrastive.nnclr import NNCLRLoss
+from ore.contrastive.ntxent import NTXentLoss
+from ore.contrastive.protonce import ProtoNCELoss
+from ore.contrastive.supcon import SupConLoss
+
+METHODS = ("simclr", "moco", "nnclr", "pcl", "supcon")
+# Temperatures that work at small batch sizes (MoCo v2 / SupCon / NNCLR papers' CIFAR runs).
+DEFAULT_TEMPERATURE = {"simclr": 0.2, "moco": 0.2, "nnclr": 0.1, "pcl": 0.2, "supcon": 0.1}
+
+
+class PooledTrunk(nn.Module):
+    """trunk → global average pool → [n, C]."""
+
+    def __init__(self, trunk: nn.Module):
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x).mean(dim=(2, 3))
+
+
+class Method(nn.Module):
+    needs_labels = False
+
+    def __init__(self, trunk: nn.Module, channels: int):
+        super().__init__()
+        self.encoder = PooledTrunk(trunk)
+        self.channels = channels
+
+    @property
+    def trunk(self) -> nn.Module:
+        return self.encoder.trunk
+
+
+class SimCLR(Method):
+    def __init__(self, trunk, channels, *, temperature, hidden_dim, out_dim, **_):
+        super().__init__(trunk, channels)
+        self.projector = ProjectionHead(channels, hidden_dim, out_dim)
+        self.loss = NTXentLoss(temperature)
+
+    def forward(self, x1, x2, labels=None, index=None):
+        n = x1.shape[0]
+        z = self.projector(self.encoder(torch.cat([x1, x2])))  # one pass: shared BN stats
+        return self.loss(z[:n], z[n:])
+
+
+class SupCon(Method):
+    needs_labels = True
+
+    def __init__(self, trunk, channels, *, temperature, hidden_dim, out_dim, **_):
+        super().__init__(trunk, channels)
+        self.projector = ProjectionHead(channels, hidden_dim, out_dim)
+        self.loss = SupConLoss(temperature)
+
+    def forward(self, x1, x2, labels=None, index=None):
+        n = x1.shape[0]
+        z = self.projector(self.encoder(torch.cat([x1, x2])))
+        return self.loss(torch.stack([z[:n], z[n:]], dim=1), labels)
+
+
+class MoCoMethod(Method):
+    def __init__(
+        self, trunk, channels, *, temperature, hidden_dim, out_dim, queue_size, momentum, **_
+    ):
+        super().__init__(trunk, channels)
+        self.moco = MoCo(
+            nn.Sequential(self.encoder, ProjectionHead(channels, hidden_dim, out_dim)),
+            out_dim,
+            queue_size=queue_size,
+            momentum=momentum,
+            temperature=temperature,
+            shuffle_bn_splits=2,
+        )
+
+    def forward(self, x1, x2, labels=None, index=None):
+        # Symmetrised (each view is once the query), as in MoCo v3 and most CIFAR recipes.
+        return 0.5 * (self.moco(x1, x2) + self.moco(x2, x1))
+
+
+class NNCLR(Method):
+    def __init__(self, trunk, channels, *, temperature, hidden_dim, out_dim, queue_size, **_):
+        super().__init__(trunk, channels)
+        self.projector = ProjectionHead(
+            channels, hidden_dim, out_dim, num_layers=3, last_batch_norm=True
+        )
+        self.predictor = PredictionHead(out_dim, hidden_dim)
+        self.loss = NNCLRLoss(temperature, queue_size=queue_size)
+
+    def forward(self, x1, x2, labels=None, index=None):
+        n = x1.shape[0]
+        z = self.projector(self.encoder(torch.cat([x1, x2])))
+        p = self.predictor(z)
+        return self.loss(z[:n], z[n:], p[:n], p[n:])
+
+
+class PCL(Method):
+    """MoCo-style instance term (momentum keys, a queue of negatives) plus ProtoNCE
+    prototypes re-clustered from the memory of momentum features every
+    ``recluster_steps`` steps (PCL: every epoch), the first time after one such period
+    of instance-only warm-up."""
+
+    def __init__(
+        self,
+        trunk,
+        channels,
+        *,
+        temperature,
+        hidden_dim,
+        out_dim,
+        queue_size,
+        momentum,
+        num_samples,
+        num_clusters,
+        recluster_steps,
+        **_,
+    ):
+        super().__init__(trunk, channels)
+        self.projector = ProjectionHead(channels, hidden_dim, out_dim)
+        self.key_encoder = copy.deepcopy(nn.Sequential(self.encoder, self.projector))
+        for p in self.key_encoder.parameters():
+            p.requires_grad_(False)
+        self.m = momentum
+        self.queue = FeatureQueue(queue_size, out_dim, random_init=True)
+        self.loss = ProtoNCELoss(
+            temperature,
+            tuple(min(k, num_samples) for k in num_clusters),
+            memory_size=num_samples,
+        )
+        self.recluster_steps = recluster_steps
+        self.steps = 0
+
+    def forward(self, x1, x2, labels=None, index=None):
+        if self.training:
+            if self.steps and self.steps % self.recluster_steps == 0:
+                self.loss.update_prototypes(seed=self.steps)
+            self.steps += 1
+        q = self.projector(self.encoder(x1))
+        with torch.no_grad():
+            momentum_update(self.key_encoder, nn.Sequential(self.encoder, self.projector), self.m)
+            k = F.normalize(self.key_encoder(x2), dim=1)
+        loss = self.loss(q, k, self.queue.get().clone(), index)
+        self.queue.enqueue(k)
+        return loss
+
+
+_CLASSES = {"simclr": SimCLR, "moco": MoCoMethod, "nnclr": NNCLR, "pcl": PCL, "supcon": SupCon}
+
+
+def build_method(name: str, trunk: nn.Module, channels: int, **kwargs) -> Method:
+    """Build one of :data:`METHODS` around ``trunk`` (keyword hyperparameters per method)."""
+    if name not in _CLASSES:
+        raise ValueError(f"unknown method {name!r}; expected one of {METHODS}")
+    return _CLASSES[name](trunk, channels, **kwargs)

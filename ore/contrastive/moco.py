@@ -1,0 +1,88 @@
+"""MoCo (He et al., CVPR 2020; v2: Chen et al., 2020): momentum key encoder and a queue."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ore.contrastive._checks import check_temperature
+from ore.contrastive.distributed import all_gather_no_grad
+from ore.contrastive.infonce import info_nce
+from ore.contrastive.memory import FeatureQueue, momentum_update
+
+
+class MoCo(nn.Module):
+    """Momentum contrast: a query encoder f_q, its momentum copy f_k, and a queue of keys.
+
+        θ_k ← m·θ_k + (1 − m)·θ_q                        (before each key forward)
+        L = −log( exp(q·k⁺/τ) / (exp(q·k⁺/τ) + Σ_{j=1}^{K} exp(q·k_j/τ)) )
+
+    with q = f_q(x_q), k⁺ = f_k(x_k) unit-normalised and k_j the queued keys of earlier
+    batches; the keys of this batch are enqueued afterwards. f_k gets no gradient.
+
+    Single-process BatchNorm lets a query find its key through batch statistics (the
+    reason for MoCo's shuffling BN across GPUs). ``shuffle_bn_splits = s > 1`` emulates it
+    on one device: keys are encoded in s shuffled sub-batches.
+
+    Attributes:
+        encoder_q: f_q, mapping images to [n, dim] (trunk + projection head).
+        encoder_k: f_k, a deep copy of f_q updated only by momentum.
+        queue: :class:`FeatureQueue` of K keys, starting from random unit vectors.
+        K, m, T: queue size, momentum, temperature (names from the paper).
+
+    Examples:
+        >>> enc = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16))
+        >>> moco = MoCo(enc, 16, queue_size=64)
+        >>> loss = moco(torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8))
+    """
+
+    def __init__(
+        self,
+        encoder_q: nn.Module,
+        dim: int,
+        queue_size: int = 65536,
+        momentum: float = 0.999,
+        temperature: float = 0.07,
+        *,
+        shuffle_bn_splits: int = 1,
+        gather_distributed: bool = False,
+    ):
+        super().__init__()
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        if shuffle_bn_splits < 1:
+            raise ValueError(f"shuffle_bn_splits must be ≥ 1, got {shuffle_bn_splits}")
+        self.K, self.m = int(queue_size), float(momentum)
+        self.T = check_temperature(temperature)
+        self.shuffle_bn_splits = shuffle_bn_splits
+        self.gather_distributed = gather_distributed
+        self.encoder_q = encoder_q
+        self.encoder_k = copy.deepcopy(encoder_q)
+        for p in self.encoder_k.parameters():
+            p.requires_grad_(False)
+        self.queue = FeatureQueue(self.K, dim, random_init=True)
+
+    @torch.no_grad()
+    def _keys(self, x_k: torch.Tensor) -> torch.Tensor:
+        s = min(self.shuffle_bn_splits, x_k.shape[0])
+        if s == 1:
+            return F.normalize(self.encoder_k(x_k), dim=1)
+        perm = torch.randperm(x_k.shape[0], device=x_k.device)
+        k = torch.cat([self.encoder_k(chunk) for chunk in x_k[perm].chunk(s)])
+        return F.normalize(k[torch.argsort(perm)], dim=1)
+
+    def forward(self, x_q: torch.Tensor, x_k: torch.Tensor) -> torch.Tensor:
+        """x_q, x_k: two augmented views [n, ...]. Returns the scalar loss."""
+        q = F.normalize(self.encoder_q(x_q), dim=1)  # [n, dim]
+        if self.training:
+            momentum_update(self.encoder_k, self.encoder_q, self.m)
+        k = self._keys(x_k)  # [n, dim], no gradient
+        negatives = self.queue.get().clone()  # [K, dim]; enqueue below writes in place
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            loss = info_nce(q.float(), k.float(), negatives.float(), self.T).mean()
+        if self.training:
+            self.queue.enqueue(all_gather_no_grad(k) if self.gather_distributed else k)
+        return loss

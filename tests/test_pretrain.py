@@ -1,0 +1,166 @@
+"""``ore pretrain``: the written trunk loads into the detector's backbone; user mistakes
+are one-line errors; the methods run a step each."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ore.cli import main as cli_main
+from ore.contrastive.data import fashion_mnist_available, load_fashion_mnist, read_idx
+from ore.contrastive.methods import METHODS, build_method
+from ore.contrastive.pretrain import add_arguments, pretrain
+from ore.errors import OreError
+from ore.modeling.backbone import (
+    build_fpn_backbone,
+    build_trunk,
+    load_trunk_weights,
+    trunk_out_channels,
+)
+
+
+def _first_weight(state, stage):
+    return next(k for k in state if k.startswith(stage + ".") and k.endswith("weight"))
+
+
+def _args(*argv):
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    import cv2
+
+    d = tmp_path / "imgs" / "sub"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        img = rng.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8)
+        cv2.imwrite(str(d / f"{i}.png"), img)
+    return tmp_path / "imgs"
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco"])
+def test_pretrain_writes_trunk_the_detector_loads(image_dir, tmp_path, method):
+    out = tmp_path / "w" / "trunk.pth"
+    rc = cli_main([
+        "pretrain", "--method", method, "--images", str(image_dir), "--arch", "tiny",
+        "--epochs", "2", "--batch-size", "4", "--image-size", "32", "--queue-size", "16",
+        "--output", str(out), "--no-progress",
+    ])
+    assert rc == 0 and out.is_file()
+    state = torch.load(out, weights_only=True)
+    trunk = build_trunk("tiny")
+    assert set(state) == set(trunk.state_dict())  # exactly the trunk, no head
+    load_trunk_weights(trunk, out)  # strict: raises on any missing/unexpected key
+    for k, v in trunk.state_dict().items():
+        assert torch.equal(v, state[k])
+    # The weights changed from a fresh init, i.e. training happened and was saved.
+    fresh = build_trunk("tiny").state_dict()
+    k4, k1 = _first_weight(state, "layer4"), _first_weight(state, "layer1")
+    assert not torch.equal(fresh[k4], state[k4])
+    fpn = build_fpn_backbone(arch="tiny", weights=str(out))
+    assert torch.equal(fpn.body.state_dict()[k1], state[k1])
+    lines = (out.parent / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert not list(out.parent.glob(".*tmp*"))  # no temp file left behind
+
+
+def test_resnet18_trunk_roundtrip(tmp_path):
+    from ore.contrastive.pretrain import save_trunk
+
+    trunk = build_trunk("resnet18")
+    out = tmp_path / "r18.pth"
+    save_trunk(trunk, out)
+    load_trunk_weights(build_trunk("resnet18"), out)
+    build_fpn_backbone(arch="resnet18", weights=str(out))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_takes_a_finite_training_step(method):
+    torch.manual_seed(0)
+    trunk = build_trunk("tiny")
+    m = build_method(
+        method, trunk, trunk_out_channels("tiny"), temperature=0.2, hidden_dim=32, out_dim=16,
+        queue_size=32, momentum=0.9, num_samples=8, num_clusters=(2, 3), recluster_steps=1,
+    )
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    x1, x2 = torch.randn(2, 8, 3, 32, 32).unbind(0)
+    labels, index = torch.tensor([0, 1, 0, 1, 2, 2, 3, 3]), torch.arange(8)
+    key = _first_weight(trunk.state_dict(), "layer1")
+    before = trunk.state_dict()[key].clone()
+    for _ in range(2):  # PCL clusters before its second step
+        loss = m(x1, x2, labels, index)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not torch.equal(before, trunk.state_dict()[key])
+    if method == "pcl":
+        assert len(m.loss.prototypes) == 2
+
+
+def test_empty_image_folder_is_an_ore_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    rc = cli_main([
+        "pretrain", "--method", "simclr", "--images", str(tmp_path / "empty"),
+        "--output", str(tmp_path / "o.pth"),
+    ])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no images" in err and err.count("\n") == 1
+
+
+def test_missing_dataset_and_bad_arguments_are_ore_errors(tmp_path, image_dir):
+    with pytest.raises(OreError, match="apt-get install dataset-fashion-mnist"):
+        pretrain(_args("--method", "simclr", "--dataset", "fashion-mnist",
+                       "--data-dir", str(tmp_path), "--output", str(tmp_path / "o.pth")))
+    with pytest.raises(OreError, match="needs labels"):
+        pretrain(_args("--method", "supcon", "--images", str(image_dir),
+                       "--output", str(tmp_path / "o.pth")))
+    with pytest.raises(OreError, match="batch-size"):
+        pretrain(_args("--method", "simclr", "--images", str(image_dir), "--batch-size", "64",
+                       "--output", str(tmp_path / "o.pth")))
+    with pytest.raises(OreError, match="--minutes"):
+        pretrain(_args("--method", "simclr", "--images", str(image_dir), "--minutes", "0",
+                       "--output", str(tmp_path / "o.pth")))
+    with pytest.raises(OreError, match="not a directory"):
+        pretrain(_args("--method", "simclr", "--images", str(tmp_path / "nope"),
+                       "--output", str(tmp_path / "o.pth")))
+
+
+def test_read_idx_roundtrip_and_corrupt_file(tmp_path):
+    import gzip
+    import struct
+
+    arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    p = tmp_path / "x-idx3-ubyte.gz"
+    with gzip.open(p, "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + struct.pack(">3I", 2, 3, 4) + arr.tobytes())
+    assert np.array_equal(read_idx(p), arr)
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x09abc")
+    with pytest.raises(OreError):
+        read_idx(bad)
+
+
+@pytest.mark.skipif(not fashion_mnist_available(),
+                    reason="Debian package dataset-fashion-mnist is not installed")
+def test_fashion_mnist_loads_and_pretrain_reports_knn(tmp_path):
+    test = load_fashion_mnist("test")
+    assert test.images.shape == (10000, 1, 28, 28) and test.images.dtype == torch.uint8
+    assert sorted(test.labels.unique().tolist()) == list(range(10))
+    out = tmp_path / "fm" / "trunk.pth"
+    rec = pretrain(_args(
+        "--method", "supcon", "--dataset", "fashion-mnist", "--arch", "tiny", "--epochs", "1",
+        "--batch-size", "32", "--minutes", "0.05", "--knn-limit", "500", "--no-progress",
+        "--output", str(out),
+    ))
+    assert 0.0 <= rec["knn_cosine_top1"] <= 1.0 and 0.0 <= rec["knn_l2_top1"] <= 1.0
+    load_trunk_weights(build_trunk("tiny"), out)

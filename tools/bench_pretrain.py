@@ -1,0 +1,96 @@
+"""kNN top-1 on Fashion-MNIST for raw pixels, a random-init trunk, and each pretraining
+method after the same CPU budget.
+
+Protocol: the 60k training images are the bank, the 10k test images are scored; cosine
+kNN (unit-normalised features, k = 200, votes weighted by exp(sim/0.1)) and plain L2 kNN
+(k = 5, majority vote). Network features are the globally pooled last trunk map at the
+training resolution. Installs the Debian package ``dataset-fashion-mnist`` when missing.
+
+    python tools/bench_pretrain.py --minutes 15            # the issue's budget per method
+    python tools/bench_pretrain.py --minutes 3 --methods simclr,moco
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ore.contrastive.data import fashion_mnist_available, load_fashion_mnist
+from ore.contrastive.knn import KNNMonitor
+from ore.contrastive.methods import PooledTrunk
+from ore.contrastive.pretrain import METHODS, Preprocess, add_arguments, pretrain
+from ore.modeling.backbone import build_trunk
+
+
+def ensure_dataset() -> None:
+    if fashion_mnist_available():
+        return
+    if shutil.which("apt-get") is None:
+        sys.exit("Fashion-MNIST is missing and apt-get is not available")
+    print("installing dataset-fashion-mnist …", flush=True)
+    subprocess.run(["apt-get", "install", "-y", "dataset-fashion-mnist"], check=False)
+    if not fashion_mnist_available():
+        subprocess.run(["apt-get", "update"], check=False)
+        subprocess.run(["apt-get", "install", "-y", "dataset-fashion-mnist"], check=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--minutes", type=float, default=15.0, help="training budget per method")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--arch", default="tiny")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--out", default="runs/bench_pretrain", help="folder for weights + results")
+    args = p.parse_args()
+    ensure_dataset()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
+    prep = Preprocess(train.images, args.image_size)
+    results: dict[str, dict] = {}
+
+    def report(name, rec):
+        results[name] = rec
+        extra = f"   ({rec['steps']} steps, {rec['train_seconds']:.0f}s)" if "steps" in rec else ""
+        print(f"{name:>12}  cosine k=200: {100 * rec['knn_cosine_top1']:.2f}%   "
+              f"L2 k=5: {100 * rec['knn_l2_top1']:.2f}%{extra}", flush=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+
+    pixels = KNNMonitor(train.images, train.labels, test.images, test.labels,
+                        transform=lambda x: x.float().flatten(1) / 255)
+    report("raw pixels", pixels(lambda x: x))
+    torch.manual_seed(0)
+    net = PooledTrunk(build_trunk(args.arch)).eval()
+    monitor = KNNMonitor(train.images, train.labels, test.images, test.labels,
+                         transform=prep.eval_view)
+    report("random init", monitor(net))
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for method in args.methods.split(","):
+        t0 = time.time()
+        margs = parser.parse_args([
+            "--method", method, "--dataset", "fashion-mnist", "--arch", args.arch,
+            "--epochs", "1000", "--batch-size", str(args.batch_size),
+            "--image-size", str(args.image_size), "--minutes", str(args.minutes),
+            "--knn-every", "0", "--pcl-recluster-steps", "50", "--no-progress",
+            "--output", str(out / method / "trunk.pth"),
+        ])
+        rec = pretrain(margs)
+        rec["wall_seconds"] = round(time.time() - t0, 1)
+        report(method, rec)
+    print(f"budget {args.minutes} min/method, arch {args.arch}, batch {args.batch_size}, "
+          f"{args.image_size}px, {torch.get_num_threads()} threads; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
