@@ -282,3 +282,25 @@ def test_batch_sampler_groups_shards_and_resumes():
     r1 = iter(TrainBatchSampler(groups, 2, seed=1, rank=1, world_size=2, group=False))
     first_epoch = [i for _ in range(7) for it_ in (r0, r1) for i, _ in next(it_)][:26]
     assert sorted(set(first_epoch)) == list(range(len(groups)))  # ranks cover the epoch
+
+
+def test_coco_images_may_be_symlinks_but_names_may_not_escape(tmp_path):
+    import cv2
+
+    elsewhere = tmp_path / "store" / "real.jpg"
+    elsewhere.parent.mkdir()
+    cv2.imwrite(str(elsewhere), np.zeros((20, 30, 3), np.uint8))
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.jpg").symlink_to(elsewhere)
+    data = {"images": [{"id": 1, "file_name": "a.jpg", "width": 30, "height": 20}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 5]}],
+            "categories": [{"id": 1, "name": "circle"}]}
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(data))
+    rec = load_coco_json(path, images, TOY)[0]
+    np.testing.assert_array_equal(rec.boxes, [[3, 4, 12, 8]])  # x+1, y+1, x+w, y+h
+    data["images"][0]["file_name"] = "../store/real.jpg"
+    path.write_text(json.dumps(data))
+    with pytest.raises(OreError, match="escapes the image folder"):
+        load_coco_json(path, images, TOY)
