@@ -25,7 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "detect": ("ore.engine.detect", "detect objects (and unknowns) in images"),
     "evaluate": ("ore.engine.evaluate", "run a detector on a split: open-world metrics"),
     "run-tasks": ("ore.engine.tasks", "train, finetune and evaluate every task in turn"),
+    "demo": ("ore.engine.demo", "the whole open-world story on the toy world, with a report"),
     "build-exemplars": ("ore.data.exemplars", "write a balanced exemplar list for a finetune"),
+    "fit-energy": ("ore.engine.energy_fit", "fit the energy-based unknown identifier (EBUI)"),
     "pretrain": ("ore.contrastive.pretrain", "contrastive pretraining of a backbone trunk"),
     "eval-detections": ("ore.evaluation.cli", "evaluate a detections JSON file (open-world)"),
 }

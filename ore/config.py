@@ -225,6 +225,24 @@ class ExemplarsConfig:
 
 
 @dataclass
+class EBUIConfig:
+    # Energy-based unknown identifier (ORE head, SPEC §3.3): relabel known-class detections
+    # as unknown at inference. Needs FIT_FILE; a missing fit file is an error, never skipped.
+    ENABLED: bool = False
+    # energy_fit.json written by `ore fit-energy` (or by `ore run-tasks` for each task).
+    FIT_FILE: str = ""
+    # T of E = -T*logsumexp(seen logits / T); the fit file must have been made with this T.
+    TEMPERATURE: float = 1.5
+    # What counts as an unknown sample when fitting: labelled (unknown-class objects of the
+    # held-out split, as the reference) | pseudo (RPN auto-labelled unknowns only).
+    MODE: str = "labelled"
+    # Held-out list whose RoIs are fitted (test role: unseen classes become unknown).
+    FIT_SPLIT: str = "all_task_val"
+    # `ore run-tasks` fits the energy after each task (ORE head) and adds an "ebui" evaluation.
+    RUN_TASKS: bool = True
+
+
+@dataclass
 class Config:
     MODEL: ModelConfig = field(default_factory=ModelConfig)
     INPUT: InputConfig = field(default_factory=InputConfig)
@@ -234,6 +252,7 @@ class Config:
     OWOD: OWODConfig = field(default_factory=OWODConfig)
     CLUSTERING: ClusteringConfig = field(default_factory=ClusteringConfig)
     EXEMPLARS: ExemplarsConfig = field(default_factory=ExemplarsConfig)
+    EBUI: EBUIConfig = field(default_factory=EBUIConfig)
     # Device: auto (CUDA when available) | cpu | cuda | cuda:N.
     DEVICE: str = "auto"
     # Seed for every random generator; the same seed and inputs give the same run.

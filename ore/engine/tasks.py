@@ -3,8 +3,11 @@
 For each task t (configs ``tN_train.yaml`` and optional ``tN_ft.yaml`` in one folder):
 train (from task t−1's final weights, prototypes included), build the balanced exemplar
 list and finetune on it, then evaluate on ``DATASETS.TEST`` before and after the
-finetune. Every step writes into ``<output>/tN_train`` / ``<output>/tN_ft``; a step whose
-result exists is skipped and an interrupted training resumes from its last checkpoint.
+finetune. With the ORE head (and ``EBUI.RUN_TASKS``), the energy of the task's final model
+is fitted on ``EBUI.FIT_SPLIT`` (``<stage>/energy/``) and the model evaluated again with
+EBUI on (``<stage>/eval_ebui.json``, the summary's ``ebui`` entry). Every step writes
+into ``<output>/tN_train`` / ``<output>/tN_ft``; a step whose result exists is skipped
+and an interrupted training resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -54,30 +57,75 @@ def _evaluate(cfg, weights: Path, out_file: Path) -> dict:
     return result
 
 
+def _fit_and_evaluate_ebui(config_file: Path, overrides: list[str], stage_dir: Path,
+                           weights: Path, evaluate: bool) -> dict | None:
+    """Fit the energy of a task's final model (``<stage>/energy/``) and, with ``evaluate``,
+    evaluate it with EBUI on (``<stage>/eval_ebui.json``)."""
+    from ore.config import load_config
+    from ore.engine.energy_fit import fit_energy
+
+    fit_file = stage_dir / "energy" / "energy_fit.json"
+    if not fit_file.is_file():
+        fit_energy(load_config(config_file, overrides), str(weights), fit_file.parent)
+    if not evaluate:
+        return None
+    cfg = load_config(config_file, [*overrides, "EBUI.ENABLED=true", f"EBUI.FIT_FILE={fit_file}"])
+    return _evaluate(cfg, weights, stage_dir / "eval_ebui.json")
+
+
+def scaled_iterations(n: int, scale: float) -> int:
+    return max(1, round(n * scale))
+
+
+def schedule_overrides(cfg, scale: float) -> list[str]:
+    """Overrides that multiply every iteration count of ``cfg`` by ``scale``."""
+    if scale == 1.0:
+        return []
+    s, c = cfg.SOLVER, cfg.CLUSTERING
+    steps = [scaled_iterations(x, scale) for x in s.STEPS]
+    return [
+        f"SOLVER.MAX_ITER={scaled_iterations(s.MAX_ITER, scale)}", f"SOLVER.STEPS={steps}",
+        f"SOLVER.WARMUP_ITERS={round(s.WARMUP_ITERS * scale)}",
+        f"SOLVER.CHECKPOINT_PERIOD={scaled_iterations(s.CHECKPOINT_PERIOD, scale)}",
+        f"CLUSTERING.START_ITER={round(c.START_ITER * scale)}",
+        f"CLUSTERING.UPDATE_MU_ITER={scaled_iterations(c.UPDATE_MU_ITER, scale)}",
+    ]
+
+
 def run_tasks(config_dir: str | Path, output: str | Path, overrides: list[str] = (),
-              evaluate: bool = True) -> dict:
-    """Run every task; returns ``{"t1": {"train": metrics, "ft": metrics|None}, …}``."""
+              evaluate: bool = True, schedule_scale: float = 1.0) -> dict:
+    """Run every task; returns ``{"t1": {"train": metrics, "ft": metrics|None,
+    "ebui": metrics|None}, …}``; ``ebui`` is the task's final model (finetuned when there
+    is a finetune) with the energy-based unknown identifier on. ``schedule_scale``
+    multiplies every iteration count (a quick run: 0.1; more data: > 1)."""
     from ore.config import load_config
     from ore.data.exemplars import build_exemplar_list
     from ore.engine.trainer import Trainer
     from ore.errors import OreError
     from ore.fileio import atomic_write_json, atomic_write_text
 
+    if schedule_scale <= 0:
+        raise OreError(f"schedule scale {schedule_scale} must be > 0")
+
+    def scaled(file: Path, extra: list[str]) -> list[str]:
+        ovs = [*overrides, *extra]
+        return [*ovs, *schedule_overrides(load_config(file, ovs), schedule_scale)]
+
     out = Path(output)
     summary: dict = {}
     prev: Path | None = None
     for t, train_file, ft_file in discover_tasks(Path(config_dir)):
-        init = [f"MODEL.WEIGHTS={prev}"] if prev else []
-        cfg = load_config(train_file, [*overrides, *init])
+        train_overrides = scaled(train_file, [f"MODEL.WEIGHTS={prev}"] if prev else [])
+        cfg = load_config(train_file, train_overrides)
         if cfg.OWOD.TASK != t:
             raise OreError(f"{train_file}: OWOD.TASK is {cfg.OWOD.TASK}, expected {t}")
         final = Trainer(cfg, out / f"t{t}_train", resume=True).run()
-        summary[f"t{t}"] = {"train": None, "ft": None}
+        summary[f"t{t}"] = {"train": None, "ft": None, "ebui": None}
         if evaluate:
             summary[f"t{t}"]["train"] = _evaluate(cfg, final, out / f"t{t}_train" / "eval.json")
         if ft_file is not None:
             ft_dir = out / f"t{t}_ft"
-            ft_overrides = [*overrides, f"MODEL.WEIGHTS={final}"]
+            ft_overrides = scaled(ft_file, [f"MODEL.WEIGHTS={final}"])
             ft_cfg = load_config(ft_file, ft_overrides)
             if ft_cfg.OWOD.TASK != t:
                 raise OreError(f"{ft_file}: OWOD.TASK is {ft_cfg.OWOD.TASK}, expected {t}")
@@ -87,10 +135,18 @@ def run_tasks(config_dir: str | Path, output: str | Path, overrides: list[str] =
                 if not list_file.is_file():
                     ids = build_exemplar_list(ft_cfg)
                     atomic_write_text(list_file, "".join(i + "\n" for i in ids))
-                ft_cfg = load_config(ft_file, [*ft_overrides, f"DATASETS.TRAIN={list_file}"])
+                ft_overrides = [*ft_overrides, f"DATASETS.TRAIN={list_file}"]
+                ft_cfg = load_config(ft_file, ft_overrides)
             final = Trainer(ft_cfg, ft_dir, resume=True).run()
             if evaluate:
                 summary[f"t{t}"]["ft"] = _evaluate(ft_cfg, final, ft_dir / "eval.json")
+            last = (ft_file, ft_overrides, ft_dir)
+        else:
+            last = (train_file, train_overrides, out / f"t{t}_train")
+        if cfg.EBUI.RUN_TASKS and cfg.MODEL.ROI_HEADS.NAME == "ore":
+            # EBUI on the task's final model: fit on the held-out split, then evaluate with it.
+            result = _fit_and_evaluate_ebui(*last, final, evaluate)
+            summary[f"t{t}"]["ebui"] = result
         prev = final
     atomic_write_json(out / "summary.json", summary)
     return summary
@@ -104,7 +160,7 @@ def format_summary(summary: dict) -> str:
               f"{'WI@0.8':>9}{'A-OSE':>8}")
     lines = [header, "-" * len(header)]
     for task, stages in summary.items():
-        for stage in ("train", "ft"):
+        for stage in ("train", "ft", "ebui"):
             r = stages.get(stage)
             if r is None:
                 continue
@@ -122,6 +178,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder with t1_train.yaml, t2_train.yaml, t2_ft.yaml, …")
     p.add_argument("--output", required=True, help="run folder (one sub-folder per step)")
     p.add_argument("--no-eval", action="store_true", help="train only")
+    p.add_argument("--schedule-scale", type=float, default=1.0,
+                   help="multiply every iteration count (e.g. 0.2 for a quick look)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="overrides for every task, e.g. MODEL.ROI_HEADS.NAME=standard")
 
@@ -132,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
     config_dir = Path(args.configs)
     if not config_dir.is_dir() and (CONFIG_ROOT / args.configs).is_dir():
         config_dir = CONFIG_ROOT / args.configs
-    summary = run_tasks(config_dir, args.output, args.overrides, evaluate=not args.no_eval)
+    summary = run_tasks(config_dir, args.output, args.overrides, evaluate=not args.no_eval,
+                        schedule_scale=args.schedule_scale)
     if not args.no_eval:
         print(format_summary(summary))
     print(f"results in {args.output}/summary.json")

@@ -25,6 +25,7 @@ from ore.data.classes import TaskSplit
 from ore.errors import OreError
 from ore.modeling.backbone import build_fpn_backbone
 from ore.modeling.clustering import PrototypeStore
+from ore.modeling.energy import build_relabeller
 from ore.modeling.roi_heads import UNK_SOURCES, ORERoIHeads, StandardRoIHeads
 from ore.modeling.rpn import ScoredRPN
 
@@ -175,6 +176,11 @@ def build_detector(cfg: DictConfig, split: TaskSplit) -> OpenWorldRCNN:
     model = OpenWorldRCNN(backbone, rpn, heads, transform)
     task = split.check_task(cfg.OWOD.TASK)
     heads.box_predictor.set_active_classes(active_labels(split, task, roi.NAME == "ore"))
+    if cfg.EBUI.ENABLED:
+        if roi.NAME != "ore":
+            raise OreError("EBUI.ENABLED needs MODEL.ROI_HEADS.NAME=ore (the standard head "
+                           "has no unknown class)")
+        heads.relabeller = build_relabeller(cfg.EBUI, split, task)
     return model
 
 

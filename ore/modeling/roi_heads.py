@@ -55,7 +55,9 @@ class ORERoIHeads(RoIHeads):
 
     Inference: every detection carries its classifier ``logits`` [C] (masked classes at
     −inf) and its RoI ``features`` [D], and boxes are kept down to ``score_thresh`` (which
-    may be 0) so that energies can be computed for low-score boxes too.
+    may be 0) so that energies can be computed for low-score boxes too. With a
+    ``relabeller`` (EBUI, ``ore.modeling.energy``) known-class detections may then be
+    relabelled ``unknown`` and NMS runs again.
     """
 
     def __init__(
@@ -86,6 +88,8 @@ class ORERoIHeads(RoIHeads):
         self.clustering_weight = clustering_weight
         # Training iterations seen by this head; drives the prototype schedule.
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        # EBUI at inference (ore.modeling.energy.EnergyRelabeller), set by build_detector.
+        self.relabeller = None
 
     # --- training -------------------------------------------------------------------------
 
@@ -176,10 +180,13 @@ class ORERoIHeads(RoIHeads):
             keep = keep[box_ops.remove_small_boxes(boxes[keep], min_size=1e-2)]
             keep = keep[box_ops.batched_nms(boxes[keep], scores[keep], label[keep],
                                             self.nms_thresh)][: self.detections_per_img]
-            results.append({
+            det = {
                 "boxes": boxes[keep], "scores": scores[keep], "labels": label[keep],
                 "logits": logits[roi[keep]], "features": feats[roi[keep]],
-            })
+            }
+            if self.relabeller is not None:
+                det = self.relabeller(det, self.nms_thresh)
+            results.append(det)
         return results
 
     # --- both -----------------------------------------------------------------------------

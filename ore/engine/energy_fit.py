@@ -1,0 +1,184 @@
+"""``ore fit-energy``: collect RoI energies on a held-out split and fit the EBUI Weibulls.
+
+The model runs backbone + RPN in eval mode on each image of the split (test role:
+objects of unseen classes are ``unknown``). Proposals, with the GT boxes appended as in
+training, are matched to ground truth by IoU ≥ 0.5 (best match wins); a proposal matched
+to nothing is not a sample.
+
+- ``labelled``: proposals matched to a known-class object are known samples, those
+  matched to an unknown-class object unknown samples (the reference; uses unknown labels).
+- ``pseudo``: the unknown objects' labels are never read. The known objects stay as GT,
+  and the ORE head's auto-labelling (top-k proposals by objectness overlapping no known
+  object, ``OWOD.NUM_UNK_PER_IMAGE``) supplies the unknown boxes; proposals matched to
+  those are unknown samples.
+
+Each sample's logits come from the box head (RoIAlign → box head → classifier), and its
+energy from the seen known classes' logits (``ore.modeling.energy``). Writes
+``energy_fit.json`` and ``energy.png`` into the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+MATCH_IOU = 0.5
+
+
+@torch.no_grad()
+def rois_energies(model, images: list[torch.Tensor], targets: list[dict], *, mode: str,
+                  seen_labels: list[int], unknown_label: int, temperature: float
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Negated energies s = −E of the known and the unknown RoI samples of one batch.
+
+    Args:
+        model: an ``OpenWorldRCNN`` with the ORE head, in eval mode.
+        images: [3, H, W] float images; targets: ``boxes`` [N, 4] (0-based), ``labels`` [N].
+    Returns:
+        (s_known [Nk], s_unknown [Nu]) on the CPU.
+    """
+    from torchvision.ops import box_iou
+
+    from ore.modeling.energy import energy
+
+    heads = model.roi_heads
+    image_list, targets = model.transform(images, targets)  # boxes follow the resize
+    features = model.backbone(image_list.tensors)
+    proposals, scores, _ = model.rpn(image_list, features)
+    if mode == "pseudo":
+        known_only = [{"boxes": t["boxes"][t["labels"] != unknown_label],
+                       "labels": t["labels"][t["labels"] != unknown_label]} for t in targets]
+        targets = heads.add_unknown_targets(proposals, scores, known_only)
+    rois, is_unknown = [], []
+    for p, t in zip(proposals, targets):
+        if len(t["boxes"]) == 0 or len(p) == 0:
+            rois.append(p[:0])
+            is_unknown.append(torch.zeros(0, dtype=torch.bool, device=p.device))
+            continue
+        # GT boxes join the proposals, as in training (and in the reference, which logged
+        # the energies of sampled RoIs): every object gives at least one sample.
+        p = torch.cat([p, t["boxes"].to(p.dtype)])
+        best, idx = box_iou(p, t["boxes"].to(p.dtype)).max(dim=1)  # [P + G]
+        keep = best >= MATCH_IOU
+        rois.append(p[keep])
+        is_unknown.append(t["labels"][idx[keep]] == unknown_label)
+    is_unknown = torch.cat(is_unknown)
+    if len(is_unknown) == 0:
+        empty = torch.zeros(0)
+        return empty, empty
+    feats = heads.box_head(heads.box_roi_pool(features, rois, image_list.image_sizes))
+    logits, _ = heads.box_predictor(feats)  # [R, C]
+    s = -energy(logits, seen_labels, temperature).cpu()  # [R]
+    is_unknown = is_unknown.cpu()
+    return s[~is_unknown], s[is_unknown]
+
+
+def collect_energies(predictor, split_name: str, *, mode: str, batch_size: int = 4,
+                     max_images: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Negated energies of the known and unknown RoI samples over ``split_name``."""
+    from tqdm import tqdm
+
+    from ore.data.dataset import DetectionDataset, make_test_loader, split_bad
+    from ore.data.records import apply_role, list_path, load_split
+    from ore.errors import OreError
+
+    cfg, split, model = predictor.cfg, predictor.split, predictor.model
+    d = cfg.DATASETS
+    task = split.check_task(cfg.OWOD.TASK)
+    if d.FORMAT == "voc" and not list_path(Path(d.ROOT), split_name).is_file():
+        where = list_path(Path(d.ROOT), split_name)
+        raise OreError(f"energy fit split {split_name!r}: no list {where} "
+                       "(set EBUI.FIT_SPLIT or --split)")
+    records = apply_role(load_split(d.ROOT, split_name, split, d.FORMAT, d.IMAGE_DIR),
+                         split, task, "test")
+    if max_images > 0:
+        records = records[:max_images]
+    if not records:
+        raise OreError(f"split {split_name!r} under {d.ROOT} lists no image")
+    seen_labels = [split.label(c) for c in split.seen(task)]
+    loader = make_test_loader(DetectionDataset(records, split), batch_size,
+                              cfg.DATALOADER.NUM_WORKERS)
+    known, unknown = [], []
+    for batch in tqdm(loader, desc=f"energies {split_name}", unit="batch"):
+        batch = split_bad(batch, cfg.DATALOADER.SKIP_BAD_IMAGES)
+        if not batch:
+            continue
+        images = [b[0].to(predictor.device) for b in batch]
+        targets = [{k: v.to(predictor.device) for k, v in b[1].items()} for b in batch]
+        k, u = rois_energies(model, images, targets, mode=mode, seen_labels=seen_labels,
+                             unknown_label=split.unknown_label,
+                             temperature=float(cfg.EBUI.TEMPERATURE))
+        known.append(k.numpy())
+        unknown.append(u.numpy())
+    return np.concatenate(known), np.concatenate(unknown)
+
+
+def fit_energy(cfg, weights: str, output: str | Path, *, split_name: str | None = None,
+               mode: str | None = None, batch_size: int = 4, max_images: int = 0):
+    """Collect, fit, write ``energy_fit.json`` + ``energy.png``; returns the EnergyFit."""
+    from ore.engine.inference import Predictor
+    from ore.errors import OreError
+    from ore.modeling.energy import MODES, fit_energies, plot_energy
+
+    mode = mode or cfg.EBUI.MODE
+    if mode not in MODES:
+        raise OreError(f"EBUI.MODE / --mode: {mode!r}; expected one of {MODES}")
+    if cfg.MODEL.ROI_HEADS.NAME != "ore":
+        raise OreError("fit-energy needs MODEL.ROI_HEADS.NAME=ore (the head with `unknown`)")
+    split_name = split_name or cfg.EBUI.FIT_SPLIT or cfg.DATASETS.TEST
+    # The fit runs the plain detector: an EBUI already switched on must not shape its input.
+    cfg = OmegaConf.merge(cfg, {"EBUI": {"ENABLED": False}})
+    predictor = Predictor(cfg, weights)
+    t0 = time.perf_counter()
+    known, unknown = collect_energies(predictor, split_name, mode=mode, batch_size=batch_size,
+                                      max_images=max_images)
+    t1 = time.perf_counter()
+    task = predictor.split.check_task(cfg.OWOD.TASK)
+    fit = fit_energies(known, unknown, temperature=float(cfg.EBUI.TEMPERATURE), mode=mode,
+                       seen_classes=predictor.split.seen(task))
+    t2 = time.perf_counter()
+    fit.extra = {"split": split_name, "task": task, "weights": str(weights),
+                 "collect_seconds": round(t1 - t0, 3), "fit_seconds": round(t2 - t1, 3)}
+    out = Path(output)
+    fit.save(out / "energy_fit.json")
+    plot_energy(known, unknown, fit, out / "energy.png")
+    return fit
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="the config the weights were trained with")
+    p.add_argument("--weights", required=True, help="detector checkpoint (ORE head)")
+    p.add_argument("--split", help="held-out list (default: EBUI.FIT_SPLIT)")
+    p.add_argument("--mode", choices=("labelled", "pseudo"),
+                   help="what counts as unknown (default: EBUI.MODE)")
+    p.add_argument("--output", required=True, help="folder for energy_fit.json and energy.png")
+    p.add_argument("--max-images", type=int, default=0, help="use the first N images (0 = all)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ore.config import load_config
+    from ore.errors import OreError
+
+    if args.batch_size < 1:
+        raise OreError(f"--batch-size {args.batch_size} must be ≥ 1")
+    cfg = load_config(args.config, args.overrides)
+    fit = fit_energy(cfg, args.weights, args.output, split_name=args.split, mode=args.mode,
+                     batch_size=args.batch_size, max_images=args.max_images)
+    for key in ("known", "unknown"):
+        w = getattr(fit, key)
+        print(f"{key:<8} {fit.counts[key]:>7} samples  shape {w.shape:.4g}  loc {w.loc:.4g}  "
+              f"scale {w.scale:.4g}  log-likelihood {fit.log_likelihood[key]:.1f}")
+    print(f"wrote {Path(args.output) / 'energy_fit.json'} and energy.png "
+          f"(T={fit.temperature:g}, mode {fit.mode}; use EBUI.ENABLED=true "
+          f"EBUI.FIT_FILE=… EBUI.TEMPERATURE={fit.temperature:g})")
+    return 0
