@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field, replace
@@ -125,15 +126,20 @@ def parse_voc_xml(
         root = ET.parse(xml_path).getroot()
     except FileNotFoundError:
         raise OreError(f"annotation file not found: {xml_path}") from None
-    except ET.ParseError as exc:
+    except (ET.ParseError, LookupError, ValueError) as exc:  # also unknown/bad encodings
         raise OreError(f"{xml_path}: malformed XML ({exc})") from None
+    except OSError as exc:
+        raise OreError(f"cannot read annotation file {xml_path}: {exc.strerror}") from None
 
     def number(node, tag, cast=float):
         text = node.findtext(tag)
         try:
-            return cast(float(text))
-        except (TypeError, ValueError):
-            raise OreError(f"{xml_path}: <{tag}> is {text!r}, expected a number") from None
+            value = float(text)
+            if not np.isfinite(value):  # inf/nan would reach the loss as NaN
+                raise ValueError
+            return cast(value)
+        except (TypeError, ValueError, OverflowError):
+            raise OreError(f"{xml_path}: <{tag}> is {text!r}, expected a finite number") from None
 
     size = root.find("size")
     if size is not None:
@@ -230,7 +236,8 @@ def load_coco_json(
         images = data["images"]
         categories = {c["id"]: canonical_name(c["name"]) for c in data["categories"]}
         annotations = data.get("annotations", [])
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError,
+            TypeError) as exc:  # RecursionError: absurdly deep nesting
         raise OreError(
             f"{json_path}: not a COCO instances file ({type(exc).__name__}: {exc})"
         ) from None
@@ -260,8 +267,9 @@ def load_coco_json(
             stats.duplicate_ids += 1
             continue
         seen.add(img_id)
-        path = (image_dir / file_name).resolve()
-        if not path.is_relative_to(image_dir.resolve()):
+        # Lexical check (no symlink resolution): image folders made of symlinks are common.
+        path = Path(os.path.normpath(image_dir.absolute() / file_name))
+        if not path.is_relative_to(Path(os.path.normpath(image_dir.absolute()))):
             raise OreError(f"{json_path}: file_name {file_name!r} escapes the image folder")
         if not path.is_file():
             raise OreError(f"{json_path}: image not found: {path}")

@@ -1,4 +1,9 @@
-"""Periodic checkpoints, written atomically, the newest K kept."""
+"""Periodic checkpoints, written atomically, the newest K kept.
+
+A checkpoint holds the model, optimiser, GradScaler, iteration, every process's random
+generator states, the class layout and the config. There is no scheduler state: the
+learning rate is a function of the iteration, so a new task never inherits old milestones.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +39,13 @@ class Checkpointer:
         periodic = sorted(self.folder.glob("model_[0-9]*.pth"))
         for old in periodic[: -self.keep]:
             old.unlink(missing_ok=True)
+
+    def remove_stale_temporaries(self) -> int:
+        """Delete temporary files a killed process left behind (never read; just clutter)."""
+        stale = list(self.folder.glob(".*.tmp"))
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return len(stale)
 
     def latest(self) -> Path | None:
         marker = self.folder / LAST

@@ -2,10 +2,19 @@
 
 The learning rate is a pure function of the iteration (no scheduler state), so a
 resumed run continues exactly where it stopped; a new task starts its own schedule.
+
+Several processes (``torchrun --nproc_per_node N -m ore train …``): ``SOLVER.IMS_PER_BATCH``
+is the global batch, each process reads ``IMS_PER_BATCH / N`` images of it, gradients
+are averaged by DistributedDataParallel, and only rank 0 writes checkpoints, metrics and
+the progress bar (see :mod:`ore.engine.distributed`).
+
+Mixed precision (``SOLVER.AMP``): ``bf16`` autocasts the forward pass on CUDA or CPU;
+``fp16`` (CUDA only) also scales the loss with a GradScaler whose state is checkpointed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -21,6 +30,7 @@ from ore.config import config_to_yaml
 from ore.data.classes import TaskSplit, load_task_split
 from ore.data.dataset import DetectionDataset, TrainTransform, make_train_loader, split_bad
 from ore.data.records import apply_role, load_split
+from ore.engine import distributed as ddp
 from ore.engine.checkpoint import Checkpointer
 from ore.errors import OreError
 from ore.fileio import atomic_save, atomic_write_text
@@ -28,6 +38,7 @@ from ore.modeling.detector import build_detector, checkpoint_meta, load_detector
 
 log = logging.getLogger(__name__)
 FINAL = "model_final.pth"
+AMP_MODES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -48,6 +59,46 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``SOLVER.AMP`` on ``device`` (None = full precision)."""
+    if mode not in AMP_MODES:
+        raise OreError(f"SOLVER.AMP: {mode!r}; expected one of {sorted(AMP_MODES)}")
+    if mode == "fp16" and device.type != "cuda":
+        raise OreError(f"SOLVER.AMP: fp16 needs a CUDA device, this run uses {device}; "
+                       "use bf16 (CPU autocast) or off")
+    return AMP_MODES[mode]
+
+
+def get_rng_state() -> dict:
+    """Every random generator a training process draws from (checkpoint-safe types only)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        # numpy's MT19937 keys as a tensor: checkpoints load with weights_only=True,
+        # which refuses numpy arrays.
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        s = state["numpy"]
+        np.random.set_state(("MT19937", s["keys"].numpy().astype(np.uint32), s["pos"],
+                             s["has_gauss"], s["cached_gaussian"]))
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def lr_at(cfg: DictConfig, iteration: int) -> float:
@@ -85,142 +136,215 @@ class Trainer:
         self.split = load_task_split(cfg.DATASETS.CLASSES)
         self.device = resolve_device(cfg.DEVICE)
         self.checkpointer = Checkpointer(self.out, cfg.SOLVER.KEEP_CHECKPOINTS)
+        self.dist = ddp.DistInfo()
 
-    def _state(self, model, optimizer, iteration: int) -> dict:
+    def _state(self, model, optimizer, scaler, iteration: int) -> dict:
+        # Every process's generators, so that each continues its own stream on resume.
+        rng = ddp.gather_objects(get_rng_state(), self.dist)
         return {
-            "model": model.state_dict(),
+            "model": ddp.unwrap(model).state_dict(),
             "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
             "iteration": iteration,
-            "rng": {"torch": torch.get_rng_state()},
+            "rng": {**rng[0], "per_rank": rng},
+            "world_size": self.dist.world_size,
             "meta": checkpoint_meta(self.cfg, self.split),
             "config": OmegaConf.to_container(self.cfg),
         }
 
     def run(self) -> Path:
-        cfg = self.cfg
+        self.dist = ddp.init_from_env(self.device)
+        cfg, info = self.cfg, self.dist
+        device = self.device = ddp.process_device(self.device, info)
         final = self.out / FINAL
         if final.is_file() and self.resume:
             log.info("%s exists: training already finished", final)
             return final
-        self.out.mkdir(parents=True, exist_ok=True)
+        if not self.resume and self.checkpointer.latest() is not None:
+            raise OreError(f"{self.out} already holds checkpoints; pass --resume to continue "
+                           "that run or choose another --output")
+        # Everything a user can get wrong is checked before the first file is written.
+        batch = ddp.per_process_batch(cfg.SOLVER.IMS_PER_BATCH, info.world_size)
+        dtype = amp_dtype(cfg.SOLVER.AMP, device)
         seed_everything(cfg.SEED, cfg.DETERMINISTIC)
         dataset = build_train_dataset(cfg, self.split)
+        # Built from the same seed in every process (DDP also broadcasts rank 0's weights).
         model = build_detector(cfg, self.split)
         if cfg.MODEL.WEIGHTS:
             load_detector_weights(model, cfg.MODEL.WEIGHTS, self.split)
-        model.to(self.device).train()
+        model.to(device).train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(
             params, lr=lr_at(cfg, 0), momentum=cfg.SOLVER.MOMENTUM,
             weight_decay=cfg.SOLVER.WEIGHT_DECAY,
         )
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.SOLVER.AMP == "fp16")
+        if info.distributed:
+            # RPN and RoI sampling draw from the global generator: a stream per process.
+            torch.manual_seed(cfg.SEED + info.rank)
         start, rng_state = 0, None
         last = self.checkpointer.latest() if self.resume else None
+        last = ddp.broadcast_object(last, info)  # every process resumes from the same file
         if last is not None:
             state = Checkpointer.load(last)
             load_detector_weights(model, str(last), self.split)
             optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
             start = int(state["iteration"])
-            rng_state = state["rng"]["torch"]
+            rng_state = self._rng_for_this_process(state, start)
             log.info("resumed from %s at iteration %d", last, start)
-        elif not self.resume and self.checkpointer.latest() is not None:
-            raise OreError(f"{self.out} already holds checkpoints; pass --resume to continue "
-                           "that run or choose another --output")
-        atomic_write_text(self.out / "config.yaml", config_to_yaml(cfg))
-        metrics_path = self.out / "metrics.jsonl"
-        _truncate_metrics(metrics_path, start)
-        self._loop(model, optimizer, dataset, start, metrics_path, rng_state)
-        atomic_save(
-            {"model": model.state_dict(), "meta": checkpoint_meta(cfg, self.split),
-             "config": OmegaConf.to_container(cfg)},
-            final,
-        )
+        if info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.checkpointer.remove_stale_temporaries()
+            atomic_write_text(self.out / "config.yaml", config_to_yaml(cfg))
+            _truncate_metrics(self.out / "metrics.jsonl", start)
+        model = ddp.wrap_model(model, device, info)
+        self._loop(model, optimizer, scaler, dataset, batch, dtype, start, rng_state)
+        if info.is_main:
+            atomic_save(
+                {"model": ddp.unwrap(model).state_dict(),
+                 "meta": checkpoint_meta(cfg, self.split),
+                 "config": OmegaConf.to_container(cfg)},
+                final,
+            )
+        ddp.barrier(self.dist)
         return final
 
-    def _loop(
-        self, model, optimizer, dataset, start: int, metrics_path: Path, rng_state=None
-    ) -> None:
-        cfg = self.cfg
+    def _rng_for_this_process(self, state: dict, start: int) -> dict | None:
+        rng = state.get("rng") or {}
+        per_rank = rng.get("per_rank")
+        if per_rank and len(per_rank) == self.dist.world_size:
+            return per_rank[self.dist.rank]
+        if not self.dist.distributed and "torch" in rng:
+            return rng
+        log.warning("checkpoint was written by %s processes, this run has %d: random "
+                    "streams restart from SEED (the run is not bit-identical to an "
+                    "uninterrupted one)", len(per_rank or [1]), self.dist.world_size)
+        torch.manual_seed(self.cfg.SEED + 1000003 * start + self.dist.rank)
+        return None
+
+    def _loop(self, model, optimizer, scaler, dataset, batch_size: int, dtype, start: int,
+              rng_state=None) -> None:
+        cfg, info, device = self.cfg, self.dist, self.device
         max_iter = cfg.SOLVER.MAX_ITER
         if start >= max_iter:
             return
         loader = make_train_loader(
-            dataset, cfg.SOLVER.IMS_PER_BATCH, num_workers=cfg.DATALOADER.NUM_WORKERS,
+            dataset, batch_size, num_workers=cfg.DATALOADER.NUM_WORKERS,
             seed=cfg.SEED, group=cfg.DATALOADER.ASPECT_RATIO_GROUPING, start_iter=start,
+            rank=info.rank, world_size=info.world_size,
         )
         counters: dict = {}
         window: dict[str, list[float]] = {}
-        bar = tqdm(total=max_iter, initial=start, desc="train", unit="it", dynamic_ncols=True)
+        bar = tqdm(total=max_iter, initial=start, desc="train", unit="it", dynamic_ncols=True,
+                   disable=not info.is_main)
         t_last = time.perf_counter()
-        images_seen = 0
-        data_time = 0.0
+        images_seen, data_time, window_start = 0, 0.0, start + 1
         it = iter(loader)  # draws from the global generator: restore the state after it
         if rng_state is not None:
-            torch.set_rng_state(rng_state)
-        with open(metrics_path, "a") as metrics, bar:
+            set_rng_state(rng_state)
+        autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None
+                    else contextlib.nullcontext())
+        metrics = open(self.out / "metrics.jsonl", "a") if info.is_main else None
+        with bar, metrics or contextlib.nullcontext():
             for iteration in range(start, max_iter):
                 t0 = time.perf_counter()
                 batch = split_bad(next(it), cfg.DATALOADER.SKIP_BAD_IMAGES, counters)
                 data_time += time.perf_counter() - t0
-                if not batch:
-                    continue
-                images = [b[0].to(self.device, non_blocking=True) for b in batch]
-                targets = [{k: v.to(self.device) for k, v in b[1].items()} for b in batch]
-                lr = lr_at(cfg, iteration)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                losses = model(images, targets)
-                total = sum(losses.values())
-                if not torch.isfinite(total):
-                    good = self.checkpointer.latest()
-                    raise OreError(
-                        f"loss became {total.item()} at iteration {iteration + 1}; stopped. "
-                        f"Last good checkpoint: {good or 'none'} (lower SOLVER.BASE_LR or "
-                        f"set SOLVER.CLIP_GRAD_NORM)"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                if cfg.SOLVER.CLIP_GRAD_NORM > 0:
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for g in optimizer.param_groups for p in g["params"]],
-                        cfg.SOLVER.CLIP_GRAD_NORM,
-                    )
-                optimizer.step()
-                images_seen += len(batch)
-                for k, v in losses.items():
-                    window.setdefault(k, []).append(float(v.detach()))
-                window.setdefault("loss", []).append(float(total.detach()))
+                # Every process must take part in every step: if any has nothing left
+                # after skipping bad images, all skip this iteration.
+                sizes = ddp.all_reduce_sum(
+                    torch.tensor([len(batch), int(not batch)], device=device), info)
+                if not int(sizes[1]):
+                    logged = self._step(model, optimizer, scaler, autocast, batch, iteration)
+                    images_seen += int(sizes[0])
+                    for k, v in logged.items():
+                        window.setdefault(k, []).append(v)
                 done = iteration + 1
                 bar.update(1)
-                if done % cfg.SOLVER.LOG_PERIOD == 0 or done == max_iter:
+                log_now = done % cfg.SOLVER.LOG_PERIOD == 0 or done == max_iter
+                if log_now and not window:
+                    raise OreError(
+                        f"no readable image in iterations {window_start}-{done}: every image "
+                        f"drawn was skipped as unreadable ({counters.get('bad_images', 0)} so "
+                        f"far); check {cfg.DATASETS.ROOT}")
+                if metrics is not None and log_now:
                     now = time.perf_counter()
-                    row = {"iter": done, "lr": lr}
+                    row = {"iter": done, "lr": lr_at(cfg, iteration)}
                     row.update({k: float(np.mean(v)) for k, v in window.items()})
+                    # Images over all processes per second of this process's wall time.
                     row["images_per_s"] = images_seen / max(now - t_last, 1e-9)
                     row["data_time"] = data_time
                     row.update(counters)
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2g}")
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2g}")
+                if log_now:
                     window.clear()
-                    t_last, images_seen, data_time = now, 0, 0.0
+                    t_last, images_seen, data_time = time.perf_counter(), 0, 0.0
+                    window_start = done + 1
                 if done % cfg.SOLVER.CHECKPOINT_PERIOD == 0 and done < max_iter:
-                    self.checkpointer.save(self._state(model, optimizer, done),
-                                           f"model_{done:07d}.pth")
+                    state = self._state(model, optimizer, scaler, done)  # collective
+                    if info.is_main:
+                        self.checkpointer.save(state, f"model_{done:07d}.pth")
+
+    def _step(self, model, optimizer, scaler, autocast, batch: list, iteration: int) -> dict:
+        """One SGD step on this process's ``batch``; returns the losses averaged over
+        processes (``loss`` is their sum)."""
+        cfg, info, device = self.cfg, self.dist, self.device
+        images = [b[0].to(device, non_blocking=True) for b in batch]
+        targets = [{k: v.to(device) for k, v in b[1].items()} for b in batch]
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, iteration)
+        with autocast:
+            losses = model(images, targets)
+        names = sorted(losses)
+        total = sum(losses[k].float() for k in names)
+        # A non-finite loss in any process stops every process at the same iteration.
+        logged = ddp.all_reduce_mean(
+            torch.stack([losses[k].detach().float() for k in names] + [total.detach()]), info
+        ).tolist()
+        if not np.isfinite(logged[-1]):
+            good = self.checkpointer.latest()
+            raise OreError(
+                f"loss became {logged[-1]} at iteration {iteration + 1}; stopped. "
+                f"Last good checkpoint: {good or 'none'} (lower SOLVER.BASE_LR or "
+                f"set SOLVER.CLIP_GRAD_NORM)"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        if cfg.SOLVER.CLIP_GRAD_NORM > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]],
+                cfg.SOLVER.CLIP_GRAD_NORM,
+            )
+        scaler.step(optimizer)
+        scaler.update()
+        return dict(zip([*names, "loss"], logged))
 
 
 def _truncate_metrics(path: Path, start: int) -> None:
-    """Drop rows a resumed run will write again (those after its checkpoint)."""
+    """Drop rows a resumed run will write again (those after its checkpoint).
+
+    A line cut short by a killed process is dropped too.
+    """
     if not path.is_file():
         return
     if start == 0:
         path.unlink()
         return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("iter", 0) <= start]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("iter", 0) <= start:
+            keep.append(line)
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-

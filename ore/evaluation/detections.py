@@ -138,4 +138,6 @@ def read_detections(path: str | Path, split: TaskSplit) -> dict:
         entries = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise OreError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:  # absurdly deep nesting
+        raise OreError(f"{path}: not valid detections JSON (nested too deeply)") from None
     return parse_detections(entries, split, where=str(path))

@@ -14,8 +14,9 @@ vector). For a feature f of class c:
 
 with D the Minkowski distance of order ``distance_p`` (2 = Euclidean) and Δ the margin.
 The loss is the mean of L(f) over the features. With ``torch.distributed`` initialised,
-queue means are averaged over processes before prototypes move, so every process holds
-the same prototypes.
+every process enqueues the foreground features of all processes (gathered in rank order),
+so queues and prototypes are identical everywhere; DDP's buffer broadcast then changes
+nothing.
 """
 
 from __future__ import annotations
@@ -44,6 +45,29 @@ def clustering_loss(
     per_pair = torch.where(own, dist_, (margin - dist_).clamp(min=0))
     per_pair = per_pair * valid.to(per_pair.dtype)  # classes without a prototype drop out
     return per_pair.sum(dim=1).mean()
+
+
+def _gather_from_all_ranks(features: torch.Tensor, labels: torch.Tensor):
+    """Features [N, D] and labels [N] of every process, concatenated in rank order."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return features, labels
+    world = dist.get_world_size()
+    size = torch.tensor([len(labels)], device=labels.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    m = int(torch.stack(sizes).max())
+    # all_gather needs equal shapes: pad, then drop the padding (label −1).
+    f = features.new_zeros(m, features.shape[1])
+    f[: len(features)] = features
+    lab = labels.new_full((m,), -1)
+    lab[: len(labels)] = labels
+    fs, ls = [torch.empty_like(f) for _ in range(world)], [torch.empty_like(lab) for _ in
+                                                          range(world)]
+    dist.all_gather(fs, f)
+    dist.all_gather(ls, lab)
+    f, lab = torch.cat(fs), torch.cat(ls)
+    keep = lab >= 0
+    return f[keep], lab[keep]
 
 
 class PrototypeStore(nn.Module):
@@ -76,7 +100,9 @@ class PrototypeStore(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """Push features [N, D] into the queues of their class rows [N] (oldest overwritten)."""
+        """Push features [N, D] into the queues of their class rows [N] (oldest overwritten);
+        under ``torch.distributed`` the features of every process."""
+        features, labels = _gather_from_all_ranks(features, labels)
         q = self.items_per_class
         for c in labels.unique().tolist():  # a loop over classes present, not over features
             f = features[labels == c][-q:].to(self.queue.dtype)
@@ -88,17 +114,11 @@ class PrototypeStore(nn.Module):
 
     @torch.no_grad()
     def queue_means(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-class mean of the stored features [C, D] and whether any exist [C].
-
-        Averaged over processes when ``torch.distributed`` is initialised.
-        """
+        """Per-class mean of the stored features [C, D] and whether any exist [C]."""
         slot = torch.arange(self.items_per_class, device=self.queue.device)
         filled = (slot[None, :] < self.queue_len[:, None]).to(self.queue.dtype)  # [C, Q]
         sums = (self.queue * filled[..., None]).sum(dim=1)  # [C, D]
         counts = filled.sum(dim=1)  # [C]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(sums)
-            dist.all_reduce(counts)
         has = counts > 0
         return sums / counts.clamp(min=1)[:, None], has
 
