@@ -86,3 +86,23 @@ def test_config_show_cli(capsys, tmp_path):
     assert main(["config", "show", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "SOLVER.BASE_LR" in err[0]
+
+
+def test_every_shipped_config_loads_and_the_task_chain_is_complete():
+    from ore.config import CONFIG_ROOT
+    from ore.data.classes import load_task_split
+    from ore.engine.tasks import discover_tasks
+
+    for folder in ("toy", "owod", "sowod"):
+        tasks = discover_tasks(CONFIG_ROOT / folder)
+        assert [t for t, _, _ in tasks] == [1, 2, 3, 4]
+        assert all(ft is not None for t, _, ft in tasks if t > 1)
+        for t, train, ft in tasks:
+            for f in (train, ft):
+                if f is None:
+                    continue
+                cfg = load_config(f)
+                assert cfg.OWOD.TASK == t
+                assert cfg.DATASETS.TRAIN_ROLE == ("train" if f == train else "finetune")
+                assert cfg.MODEL.ROI_HEADS.NAME == "ore"
+                load_task_split(cfg.DATASETS.CLASSES).check_task(t)
