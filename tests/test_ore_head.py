@@ -251,3 +251,17 @@ def test_two_task_toy_run(toy_root, tmp_path, capsys):
     assert main(args) == 0
     assert (out / "t2_ft" / "model_final.pth").stat().st_mtime_ns == before
     assert "t2 ft" in capsys.readouterr().out
+
+
+def test_clustering_loss_stays_fp32_under_bf16_autocast():
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(16, 64, generator=g) * 5
+    labels = torch.randint(0, 4, (16,), generator=g)
+    prototypes = torch.randn(4, 64, generator=g) * 5
+    valid = torch.ones(4, dtype=torch.bool)
+    want = clustering_loss(features, labels, prototypes, valid, margin=30.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = clustering_loss(features.bfloat16(), labels, prototypes, valid, margin=30.0)
+    assert got.dtype == torch.float32
+    # The only difference is the bf16 rounding of the inputs (8 bits of mantissa).
+    assert float(got) == pytest.approx(float(want), rel=2e-2)

@@ -39,12 +39,14 @@ def clustering_loss(
         valid: [C] bool; prototypes that exist.
     """
     if features.numel() == 0 or not bool(valid.any()):
-        return features.sum() * 0.0
-    dist_ = torch.cdist(features.float(), prototypes.float(), p=p)  # [N, C]
-    own = nn.functional.one_hot(labels, prototypes.shape[0]).bool()  # [N, C]
-    per_pair = torch.where(own, dist_, (margin - dist_).clamp(min=0))
-    per_pair = per_pair * valid.to(per_pair.dtype)  # classes without a prototype drop out
-    return per_pair.sum(dim=1).mean()
+        return features.float().sum() * 0.0
+    # Always in fp32, also under mixed-precision autocast: distances of wide features.
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        dist_ = torch.cdist(features.float(), prototypes.float(), p=p)  # [N, C]
+        own = nn.functional.one_hot(labels, prototypes.shape[0]).bool()  # [N, C]
+        per_pair = torch.where(own, dist_, (margin - dist_).clamp(min=0))
+        per_pair = per_pair * valid.to(per_pair.dtype)  # classes without a prototype drop out
+        return per_pair.sum(dim=1).mean()
 
 
 def _gather_from_all_ranks(features: torch.Tensor, labels: torch.Tensor):
