@@ -164,7 +164,7 @@ def test_clustering_loss_switches_on_at_start_iter_and_excludes_empty_classes():
     for _ in range(4):
         losses = model(images, targets)
         sum(losses.values()).backward()
-        values.append(float(losses["loss_clustering"]))
+        values.append(float(losses["loss_clustering"].detach()))
     assert values[:2] == [0.0, 0.0] and values[2] > 0
     store = model.roi_heads.store
     # Only classes with stored features have prototypes: labels 1 and 3, and unknown.
