@@ -30,10 +30,11 @@ def main() -> None:
     ap.add_argument("--config", default="toy/t1_train.yaml")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = write_toy_world(f"{tmp}/toy", images_per_task=64, val_images=1, test_images=1)
-        cfg = load_config(args.config, [f"DATASETS.ROOT={root}"])
+        cfg = load_config(args.config, [f"DATASETS.ROOT={root}", *args.overrides])
         split = load_task_split(cfg.DATASETS.CLASSES)
         ds = build_train_dataset(cfg, split)
         bs = cfg.SOLVER.IMS_PER_BATCH
@@ -44,7 +45,8 @@ def main() -> None:
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         sizes = [tuple(b[0].shape[1:]) for batch in batches for b in batch]
         mean_short = sum(min(s) for s in sizes) / len(sizes)
-        print(f"config {args.config}: batch {bs}, mean shortest side {mean_short:.0f} px")
+        print(f"config {args.config} {' '.join(args.overrides)}: {cfg.MODEL.ROI_HEADS.NAME} "
+              f"head, batch {bs}, mean shortest side {mean_short:.0f} px")
         results = {}
         for threads in [int(t) for t in args.threads.split(",")]:
             torch.set_num_threads(threads)

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 # --quick: a smaller world and a schedule scaled down, for a check in about 3 minutes.
-QUICK_WORLD = dict(images_per_task=60, val_images=30, test_images=60, exemplars_per_class=5)
-QUICK_SCALE = 0.15
+QUICK_WORLD = dict(images_per_task=40, val_images=20, test_images=30, exemplars_per_class=3)
+QUICK_SCALE = 0.06
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = [f"DATASETS.ROOT={world}", f"SEED={args.seed}", "DATALOADER.NUM_WORKERS=0"]
     if args.quick:
         options += ["--schedule-scale", str(QUICK_SCALE)]
-        overrides += ["EXEMPLARS.PER_CLASS=5"]
+        overrides += ["EXEMPLARS.PER_CLASS=3"]
     print("[2-3/4] training ORE and the closed-set baseline side by side "
           f"(logs: {out}/ore.log, {out}/baseline.log)", flush=True)
     runs = [out / "ore", out / "baseline"]

@@ -1,0 +1,28 @@
+"""End to end: `ore demo --quick` writes the toy world, runs ORE and the baseline on all
+four tasks (train, finetune, energy fit, evaluation) and writes the report."""
+
+from __future__ import annotations
+
+import json
+
+from ore.cli import main
+
+
+def test_quick_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--output", str(out), "--quick"]) == 0
+    html = (out / "report.html").read_text()
+    assert "<img" in html and 'src="http' not in html and "<link" not in html
+    assert (out / "report.md").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    ore, baseline = metrics["ore"], metrics["baseline"]
+    assert set(ore) == set(baseline) == {"t1", "t2", "t3", "t4"}
+    for t in ("t2", "t3", "t4"):
+        assert ore[t]["ft"] is not None and ore[t]["ebui"] is not None  # finetune + EBUI ran
+        assert baseline[t]["ebui"] is None  # no energy fit for the closed-set head
+        assert baseline[t]["ft"]["unknown_recall"] == 0.0  # it cannot say unknown
+    for t in ("t1", "t2", "t3", "t4"):
+        assert (out / "ore" / f"{t}_{'train' if t == 't1' else 'ft'}" / "energy" /
+                "energy_fit.json").is_file()
+    assert set(metrics["targets"]) >= {"t1", "t2", "t3", "t4"}
+    assert "report.html" in capsys.readouterr().out
