@@ -39,7 +39,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -52,6 +51,7 @@ from ore.data.classes import TaskSplit, load_task_split
 from ore.data.exemplars import select_exemplars
 from ore.data.records import ImageRecord, load_coco_json
 from ore.errors import OreError
+from ore.fileio import atomic_folder
 
 log = logging.getLogger("prepare_owod")
 
@@ -145,27 +145,20 @@ def prepare(train_json, train_images, test_json, test_images, out, *, classes="o
     if unused:
         log.info("%d training images have no object of any task and are left out", unused)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
-            (tmp / sub).mkdir(parents=True)
-        for r in [r for rs in by_task.values() for r in rs] + test:
-            src = Path(r.file_name)
-            name = r.image_id + src.suffix.lower()
-            (tmp / "Annotations" / f"{r.image_id}.xml").write_text(voc_xml(r, name))
-            _place_image(src, tmp / "JPEGImages" / name, copy)
-        for name, ids in lists.items():
-            (tmp / "ImageSets" / "Main" / f"{name}.txt").write_text("".join(i + "\n" for i in ids))
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
+        with atomic_folder(out) as tmp:  # out is new or empty (checked above)
+            for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+                (tmp / sub).mkdir(parents=True)
+            for r in [r for rs in by_task.values() for r in rs] + test:
+                src = Path(r.file_name)
+                name = r.image_id + src.suffix.lower()
+                (tmp / "Annotations" / f"{r.image_id}.xml").write_text(voc_xml(r, name))
+                _place_image(src, tmp / "JPEGImages" / name, copy)
+            for name, ids in lists.items():
+                (tmp / "ImageSets" / "Main" / f"{name}.txt").write_text(
+                    "".join(i + "\n" for i in ids))
     except OSError as exc:  # a full disk, a filesystem without links, a read-only folder
-        shutil.rmtree(tmp, ignore_errors=True)
         raise OreError(f"cannot write {out}: {exc}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {name: len(ids) for name, ids in lists.items()}
 
 

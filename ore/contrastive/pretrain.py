@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -142,18 +141,11 @@ def _lr_at(progress: float, base_lr: float, warmup: float = 0.02) -> float:
 
 
 def save_trunk(trunk, output: Path) -> None:
-    """Write trunk.state_dict() atomically: a temp file in the same folder, then rename."""
-    import torch
+    """Write trunk.state_dict() atomically (a temp file in the same folder, then rename)."""
+    from ore.fileio import atomic_save
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
-    try:
-        state = {k: v.detach().cpu().contiguous() for k, v in trunk.state_dict().items()}
-        torch.save(state, tmp)
-        os.replace(tmp, output)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_save({k: v.detach().cpu().contiguous() for k, v in trunk.state_dict().items()},
+                output)
 
 
 def pretrain(args) -> dict:

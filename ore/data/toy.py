@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import numpy as np
 
 from ore.data.classes import TOY_NEVER_INTRODUCED, TOY_TASKS
 from ore.errors import OreError
+from ore.fileio import atomic_folder
 
 ALL_TOY_CLASSES = tuple(c for t in TOY_TASKS for c in t) + TOY_NEVER_INTRODUCED
 DIFFICULT_VISIBLE_FRACTION = 0.4
@@ -280,9 +279,7 @@ def write_toy_world(
         raise OreError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     if min(images_per_task, val_images, test_images) < 1:
         raise OreError("toy world sizes must be at least 1 image per list")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         for sub in ("Annotations", "JPEGImages", "ImageSets/Main", "annotations"):
             (tmp / sub).mkdir(parents=True)
         plan: list[tuple[str, int | None]] = []
@@ -314,12 +311,6 @@ def write_toy_world(
         (tmp / "classes.yaml").write_text(
             f"tasks:\n{task_lines}\nnever_introduced: [{', '.join(TOY_NEVER_INTRODUCED)}]\n"
         )
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
