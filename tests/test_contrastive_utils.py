@@ -125,8 +125,15 @@ def test_batch_augment_shapes_range_and_randomness():
     assert torch.allclose(g[:, 0], g[:, 1]) and torch.allclose(g[:, 1], g[:, 2])
     flip = BatchAugment(28, scale=(1, 1), ratio=(1, 1), flip_prob=1, jitter_prob=0, gray_prob=0)
     assert torch.allclose(flip(x), x.flip(-1), atol=1e-5)
+    sol = BatchAugment(28, scale=(1, 1), ratio=(1, 1), flip_prob=0, jitter_prob=0, gray_prob=0,
+                       solarize_prob=1)
+    expected = x.clone()
+    expected[x >= 0.5] = 1 - x[x >= 0.5]  # solarisation written out element by element
+    assert torch.allclose(sol(x), expected, atol=1e-5)
     with pytest.raises(ValueError):
         BatchAugment(32, gray_prob=2)
+    with pytest.raises(ValueError, match="solarize_prob"):
+        BatchAugment(32, solarize_prob=-0.1)
 
 
 def test_knn_cosine_and_l2():

@@ -133,6 +133,13 @@ def test_missing_dataset_and_bad_arguments_are_ore_errors(tmp_path, image_dir):
     with pytest.raises(OreError, match="not a directory"):
         pretrain(_args("--method", "simclr", "--images", str(tmp_path / "nope"),
                        "--output", str(tmp_path / "o.pth")))
+    for flag, value, message in (("--crop-scale", "0.5", "LO,HI"),
+                                 ("--crop-scale", "0.9,0.2", "0 < LO ≤ HI ≤ 1"),
+                                 ("--jitter", "1.5", "--jitter"),
+                                 ("--solarize-prob", "2", "--solarize-prob")):
+        with pytest.raises(OreError, match=message):
+            pretrain(_args("--method", "simclr", "--images", str(image_dir), flag, value,
+                           "--output", str(tmp_path / "o.pth")))
 
 
 def test_read_idx_roundtrip_and_corrupt_file(tmp_path):

@@ -1,4 +1,5 @@
-"""SimCLR-style augmentations: random resized crop, flip, colour jitter, grayscale, blur.
+"""SimCLR-style augmentations: random resized crop, flip, colour jitter, grayscale, blur,
+and BYOL's solarisation.
 
 Two forms of one recipe (Chen et al., 2020, appendix A):
 
@@ -38,6 +39,8 @@ class BatchAugment(nn.Module):
         jitter_prob: probability of applying colour jitter.
         gray_prob: probability of converting to grayscale.
         blur_prob: probability of a Gaussian blur (σ ∈ [0.1, 2.0] px at output size).
+        solarize_prob: probability of solarisation (values ≥ 0.5 become 1 − value), BYOL's
+            extra photometric transform.
 
     Examples:
         >>> aug = BatchAugment(32)
@@ -56,6 +59,7 @@ class BatchAugment(nn.Module):
         jitter_prob: float = 0.8,
         gray_prob: float = 0.2,
         blur_prob: float = 0.0,
+        solarize_prob: float = 0.0,
     ):
         super().__init__()
         if size < 1:
@@ -71,6 +75,7 @@ class BatchAugment(nn.Module):
         self.jitter_prob = _check_prob("jitter_prob", jitter_prob)
         self.gray_prob = _check_prob("gray_prob", gray_prob)
         self.blur_prob = _check_prob("blur_prob", blur_prob)
+        self.solarize_prob = _check_prob("solarize_prob", solarize_prob)
 
     def _crop_flip(self, x: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
@@ -161,6 +166,9 @@ class BatchAugment(nn.Module):
         if self.blur_prob > 0:
             m = chosen(self.blur_prob)
             x = m * self._blur(x) + (1 - m) * x
+        if self.solarize_prob > 0:
+            m = chosen(self.solarize_prob)
+            x = m * torch.where(x >= 0.5, 1 - x, x) + (1 - m) * x
         return x
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ore.contrastive._checks import fp32_loss
@@ -38,4 +39,5 @@ class BilinearInfoNCELoss(nn.Module):
             raise ValueError(f"q and k must both be [N, dim], got {q.shape}, {k.shape}")
         logits = q @ self.W.to(q.dtype) @ k.T  # [N, N]
         logits = logits - logits.max(dim=1, keepdim=True).values.detach()
-        return (torch.logsumexp(logits, dim=1) - logits.diagonal()).mean()
+        target = torch.arange(q.shape[0], device=q.device)
+        return F.cross_entropy(logits, target)

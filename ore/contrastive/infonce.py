@@ -17,15 +17,17 @@ def info_nce(
     ℓ_i = −log( exp(q_i·k⁺_i/τ) / (exp(q_i·k⁺_i/τ) + Σ_m exp(q_i·k⁻_m/τ)) )
         = logsumexp_j(l_ij) − l_i0, with l_i0 the positive logit.
     """
+    if negatives.ndim not in (2, 3):
+        raise ValueError(f"negatives must be [M, D] or [N, M, D], got {tuple(negatives.shape)}")
+    query = query * (1.0 / temperature)  # scale [N, D] once instead of the [N, 1 + M] logits
     pos = (query * positive).sum(-1, keepdim=True)  # [N, 1]
     if negatives.ndim == 2:  # shared negatives [M, D]
         neg = query @ negatives.T  # [N, M]
-    elif negatives.ndim == 3:  # per-query negatives [N, M, D]
+    else:  # per-query negatives [N, M, D]
         neg = torch.einsum("nd,nmd->nm", query, negatives)
-    else:
-        raise ValueError(f"negatives must be [M, D] or [N, M, D], got {tuple(negatives.shape)}")
-    logits = torch.cat([pos, neg], dim=1) / temperature  # [N, 1 + M]
-    return torch.logsumexp(logits, dim=1) - logits[:, 0]
+    logits = torch.cat([pos, neg], dim=1)  # [N, 1 + M]
+    target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits, target, reduction="none")
 
 
 class InfoNCELoss(nn.Module):

@@ -40,8 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "follows whichever of epochs and time runs out first)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="training resolution (default: 32 for fashion-mnist, 64 for images)")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                        help="SGD with momentum 0.9, or AdamW")
     parser.add_argument("--lr", type=float, default=None,
-                        help="peak learning rate (default 0.06·batch/256, SGD)")
+                        help="peak learning rate "
+                             "(default: SGD 0.06·batch/256, AdamW 1e-3·batch/256)")
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--temperature", type=float, default=None,
                         help="default per method: simclr/moco/pcl 0.2, nnclr/supcon 0.1")
@@ -58,6 +61,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use at most this many bank and test images in the kNN monitor")
     parser.add_argument("--device", default=None,
                         help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--crop-scale", default="0.2,1.0", metavar="LO,HI",
+                        help="random resized crop: range of the crop's area fraction")
+    parser.add_argument("--jitter", type=float, default=0.4,
+                        help="colour jitter strength (brightness, contrast, saturation; "
+                             "hue is a quarter of it); 0 turns jitter off")
+    parser.add_argument("--blur-prob", type=float, default=0.0,
+                        help="probability of a Gaussian blur")
+    parser.add_argument("--solarize-prob", type=float, default=0.0,
+                        help="probability of solarisation (BYOL)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -86,6 +98,21 @@ def _check_args(args) -> None:
         ) from None
     if min(args.num_clusters) < 2:
         raise OreError(f"--num-clusters must all be ≥ 2, got {args.num_clusters}")
+    try:
+        lo, hi = (float(v) for v in str(args.crop_scale).split(","))
+    except ValueError:
+        raise OreError(
+            f"--crop-scale: expected two comma-separated numbers LO,HI, got {args.crop_scale!r}"
+        ) from None
+    if not 0 < lo <= hi <= 1:
+        raise OreError(f"--crop-scale must satisfy 0 < LO ≤ HI ≤ 1, got {args.crop_scale!r}")
+    args.crop_scale = (lo, hi)
+    if not 0 <= args.jitter < 1:
+        raise OreError(f"--jitter must be in [0, 1), got {args.jitter}")
+    for name in ("blur_prob", "solarize_prob"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise OreError(f"--{name.replace('_', '-')} must be in [0, 1], "
+                           f"got {getattr(args, name)}")
     out = Path(args.output)
     if out.is_dir():
         raise OreError(f"--output: {out} is a directory; give a file name")
@@ -189,10 +216,17 @@ def pretrain(args) -> dict:
     except (RuntimeError, AssertionError) as exc:
         raise OreError(f"--device {args.device!r}: {exc}") from None
     prep = Preprocess(train.images, size)
-    augment = BatchAugment(size)
-    lr = args.lr if args.lr is not None else 0.06 * args.batch_size / 256
+    j = args.jitter
+    augment = BatchAugment(size, scale=args.crop_scale, jitter=(j, j, j, j / 4),
+                           jitter_prob=0.8 if j > 0 else 0.0, blur_prob=args.blur_prob,
+                           solarize_prob=args.solarize_prob)
     params = [p for p in method.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.weight_decay)
+    if args.optimizer == "sgd":
+        lr = args.lr if args.lr is not None else 0.06 * args.batch_size / 256
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.weight_decay)
+    else:
+        lr = args.lr if args.lr is not None else 1e-3 * args.batch_size / 256
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
 
     monitor = None
     if train.labels is not None and test is not None:
