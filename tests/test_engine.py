@@ -125,3 +125,19 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(target, boom)
     assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_outputs_get_umask_modes_not_temp_file_modes(tmp_path):
+    import os
+    import stat
+
+    from ore.fileio import atomic_folder, atomic_write_text
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    # mkstemp/mkdtemp would leave 0600/0700; a plain open()/mkdir gives these.
+    f = atomic_write_text(tmp_path / "out.json", "{}")
+    assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask
+    with atomic_folder(tmp_path / "folder") as d:
+        (d / "x").write_text("x")
+    assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o777 & ~umask

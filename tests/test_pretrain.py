@@ -46,13 +46,13 @@ def image_dir(tmp_path):
     return tmp_path / "imgs"
 
 
-@pytest.mark.parametrize("method", ["simclr", "moco"])
-def test_pretrain_writes_trunk_the_detector_loads(image_dir, tmp_path, method):
+@pytest.mark.parametrize("method,optimizer", [("simclr", "sgd"), ("moco", "adamw")])
+def test_pretrain_writes_trunk_the_detector_loads(image_dir, tmp_path, method, optimizer):
     out = tmp_path / "w" / "trunk.pth"
     rc = cli_main([
         "pretrain", "--method", method, "--images", str(image_dir), "--arch", "tiny",
         "--epochs", "2", "--batch-size", "4", "--image-size", "32", "--queue-size", "16",
-        "--output", str(out), "--no-progress",
+        "--optimizer", optimizer, "--output", str(out), "--no-progress",
     ])
     assert rc == 0 and out.is_file()
     state = torch.load(out, weights_only=True)
@@ -70,6 +70,10 @@ def test_pretrain_writes_trunk_the_detector_loads(image_dir, tmp_path, method):
     lines = (out.parent / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     assert not list(out.parent.glob(".*tmp*"))  # no temp file left behind
+    import cv2
+
+    curves = cv2.imread(str(out.parent / "curves.png"))
+    assert curves is not None and curves.shape[1] == 495  # one panel (no labels): loss only
 
 
 def test_resnet18_trunk_roundtrip(tmp_path):
@@ -170,4 +174,8 @@ def test_fashion_mnist_loads_and_pretrain_reports_knn(tmp_path):
         "--output", str(out),
     ))
     assert 0.0 <= rec["knn_cosine_top1"] <= 1.0 and 0.0 <= rec["knn_l2_top1"] <= 1.0
+    import cv2
+
+    curves = cv2.imread(str(out.parent / "curves.png"))
+    assert curves is not None and curves.shape[1] == 990  # loss and kNN panels
     load_trunk_weights(build_trunk("tiny"), out)

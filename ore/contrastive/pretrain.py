@@ -4,7 +4,8 @@ Trains the trunk of ``--arch`` with one method on a folder of images or on Fashi
 and writes ``trunk.state_dict()`` to ``--output``, which ``MODEL.BACKBONE.WEIGHTS`` loads
 into the detector (projection heads are not saved). One JSON line per epoch goes to
 ``metrics.jsonl`` next to the output; with labels (Fashion-MNIST) each line carries the
-kNN top-1 accuracy of the pooled trunk features on the test split.
+kNN top-1 accuracy of the pooled trunk features on the test split. ``curves.png`` beside
+it plots the loss (and kNN accuracy) per epoch.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("simclr", "moco", "nnclr", "pcl", "supcon")
 ARCHS = ("resnet18", "resnet50", "tiny")
+DEFAULT_SIZE = 64  # training resolution
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop training after this much wall time (the LR schedule "
                              "follows whichever of epochs and time runs out first)")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="training resolution (default: 32 for fashion-mnist, 64 for images)")
+                        help="training resolution (default 64; fashion-mnist's 28-px images "
+                             "are upsampled, which the tiny trunk's strided stem needs)")
     parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
                         help="SGD with momentum 0.9, or AdamW")
     parser.add_argument("--lr", type=float, default=None,
@@ -61,15 +64,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use at most this many bank and test images in the kNN monitor")
     parser.add_argument("--device", default=None,
                         help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--crop-scale", default="0.2,1.0", metavar="LO,HI",
-                        help="random resized crop: range of the crop's area fraction")
-    parser.add_argument("--jitter", type=float, default=0.4,
+    parser.add_argument("--crop-scale", default=None, metavar="LO,HI",
+                        help="random resized crop: range of the crop's area fraction "
+                             "(default 0.4,1 for fashion-mnist, 0.2,1 for image folders)")
+    parser.add_argument("--jitter", type=float, default=0.8,
                         help="colour jitter strength (brightness, contrast, saturation; "
-                             "hue is a quarter of it); 0 turns jitter off")
+                             "hue is a quarter of it), applied with probability 0.8; "
+                             "0 turns jitter off")
     parser.add_argument("--blur-prob", type=float, default=0.0,
                         help="probability of a Gaussian blur")
-    parser.add_argument("--solarize-prob", type=float, default=0.0,
-                        help="probability of solarisation (BYOL)")
+    parser.add_argument("--solarize-prob", type=float, default=0.2,
+                        help="probability of solarisation (BYOL); with intensity jitter it "
+                             "keeps grey-level crops from matching by their histogram")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -98,6 +104,8 @@ def _check_args(args) -> None:
         ) from None
     if min(args.num_clusters) < 2:
         raise OreError(f"--num-clusters must all be ≥ 2, got {args.num_clusters}")
+    if args.crop_scale is None:
+        args.crop_scale = "0.4,1.0" if args.dataset == "fashion-mnist" else "0.2,1.0"
     try:
         lo, hi = (float(v) for v in str(args.crop_scale).split(","))
     except ValueError:
@@ -123,9 +131,8 @@ def _load_data(args):
 
     if args.dataset == "fashion-mnist":
         root = Path(args.data_dir) if args.data_dir else FASHION_MNIST_DIR
-        return load_fashion_mnist("train", root), load_fashion_mnist("test", root), 32
-    size = args.image_size or 64
-    return load_image_folder(args.images, size), None, 64
+        return load_fashion_mnist("train", root), load_fashion_mnist("test", root)
+    return load_image_folder(args.images, args.image_size or DEFAULT_SIZE), None
 
 
 class Preprocess:
@@ -175,6 +182,32 @@ def save_trunk(trunk, output: Path) -> None:
                 output)
 
 
+def plot_curves(records: list[dict], path: Path, title: str) -> None:
+    """Loss per epoch and, when the records carry it, kNN top-1 per epoch (``curves.png``)."""
+    from matplotlib.figure import Figure
+
+    from ore.fileio import atomic_write
+
+    knn = [r for r in records if "knn_cosine_top1" in r]
+    fig = Figure(figsize=(9 if knn else 4.5, 3.2))
+    axes = fig.subplots(1, 2 if knn else 1, squeeze=False)[0]
+    axes[0].plot([r["epoch"] for r in records], [r["loss"] for r in records], marker="o")
+    axes[0].set_xlabel("epoch")
+    axes[0].set_ylabel("training loss")
+    if knn:
+        for key, label in (("knn_cosine_top1", "cosine k=200"), ("knn_l2_top1", "L2 k=5")):
+            axes[1].plot([r["epoch"] for r in knn], [100 * r[key] for r in knn], marker="o",
+                         label=label)
+        axes[1].set_xlabel("epoch")
+        axes[1].set_ylabel("kNN top-1 on the test split (%)")
+        axes[1].legend(frameon=False)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+
+
 def pretrain(args) -> dict:
     """Run the training described by parsed ``args``; returns the last metrics record."""
     import torch
@@ -187,8 +220,8 @@ def pretrain(args) -> dict:
 
     _check_args(args)
     torch.manual_seed(args.seed)
-    train, test, default_size = _load_data(args)
-    size = args.image_size or default_size
+    train, test = _load_data(args)
+    size = args.image_size or DEFAULT_SIZE
     if args.method == "supcon" and train.labels is None:
         raise OreError("--method supcon needs labels; use --dataset fashion-mnist")
     n = len(train.images)
@@ -246,6 +279,7 @@ def pretrain(args) -> dict:
     train_time = 0.0
     step = 0
     record: dict = {}
+    records: list[dict] = []
     log.info("pretraining %s/%s on %d images at %d px, %d steps/epoch, lr %.4g",
              args.method, args.arch, n, size, steps_per_epoch, lr)
 
@@ -299,6 +333,7 @@ def pretrain(args) -> dict:
         }
         if monitor is not None and (last or (args.knn_every and (epoch + 1) % args.knn_every == 0)):
             record.update(evaluate())
+        records.append(record)
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         log.info("%s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -307,7 +342,9 @@ def pretrain(args) -> dict:
             log.info("time budget of %.1f min used after %d steps", args.minutes, step)
             break
     save_trunk(method.trunk, output)
-    log.info("wrote %s (trunk of %s) and %s", output, args.arch, metrics_path)
+    curves = output.parent / "curves.png"
+    plot_curves(records, curves, f"{args.method}, {args.arch} trunk, {size} px")
+    log.info("wrote %s (trunk of %s), %s and %s", output, args.arch, metrics_path, curves)
     return record
 
 
