@@ -126,10 +126,10 @@ def plot(results: dict[str, dict], path: Path, title: str) -> None:
     ax.axhline(85.5, color="gray", ls="--", lw=1, label="target 85.5 (SimCLR, MoCo)")
     ax.axhline(90.0, color="gray", ls=":", lw=1, label="target 90 (SupCon)")
     ax.set_xticks(x.tolist(), names)
-    ax.set_ylim(50, 100)
+    ax.set_ylim(50, 106)
     ax.set_ylabel("top-1 (%)")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", ncol=4, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
