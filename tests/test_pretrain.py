@@ -12,7 +12,7 @@ import torch
 
 from ore.cli import main as cli_main
 from ore.contrastive.data import fashion_mnist_available, load_fashion_mnist, read_idx
-from ore.contrastive.methods import METHODS, build_method
+from ore.contrastive.methods import DEFAULT_TEMPERATURE, METHODS, build_method
 from ore.contrastive.pretrain import add_arguments, pretrain
 from ore.errors import OreError
 from ore.modeling.backbone import (
@@ -74,6 +74,18 @@ def test_pretrain_writes_trunk_the_detector_loads(image_dir, tmp_path, method, o
 
     curves = cv2.imread(str(out.parent / "curves.png"))
     assert curves is not None and curves.shape[1] == 495  # one panel (no labels): loss only
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco"])
+def test_defaults_are_resolved_in_the_arguments(image_dir, tmp_path, method):
+    """Benchmarks record ``vars(args)`` as the recipe, so no default may stay ``None``."""
+    args = _args("--method", method, "--images", str(image_dir), "--arch", "tiny",
+                 "--epochs", "1", "--batch-size", "4", "--image-size", "32",
+                 "--queue-size", "16", "--output", str(tmp_path / "t.pth"), "--no-progress")
+    assert args.temperature is None and args.crop_scale is None
+    pretrain(args)
+    assert args.temperature == DEFAULT_TEMPERATURE[method]
+    assert args.crop_scale == (0.2, 1.0)  # image folders' default
 
 
 def test_resnet18_trunk_roundtrip(tmp_path):

@@ -22,8 +22,9 @@ from ore.contrastive.protonce import ProtoNCELoss
 from ore.contrastive.supcon import SupConLoss
 
 METHODS = ("simclr", "moco", "nnclr", "pcl", "supcon")
-# Temperatures that work at small batch sizes (MoCo v2 / SupCon / NNCLR papers' CIFAR runs).
-DEFAULT_TEMPERATURE = {"simclr": 0.2, "moco": 0.2, "nnclr": 0.1, "pcl": 0.2, "supcon": 0.1}
+# Temperatures for small batches: MoCo v2, SupCon and NNCLR follow the papers' CIFAR runs;
+# SimCLR 0.1 was measured on Fashion-MNIST (kNN top-1 82.0 vs 81.4 at 0.2 and 78.1 at 0.05).
+DEFAULT_TEMPERATURE = {"simclr": 0.1, "moco": 0.2, "nnclr": 0.1, "pcl": 0.2, "supcon": 0.1}
 
 
 class PooledTrunk(nn.Module):

@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: SGD 0.06·batch/256, AdamW 1e-3·batch/256)")
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--temperature", type=float, default=None,
-                        help="default per method: simclr/moco/pcl 0.2, nnclr/supcon 0.1")
+                        help="default per method: moco/pcl 0.2, simclr/nnclr/supcon 0.1")
     parser.add_argument("--out-dim", type=int, default=128, help="projection dimension")
     parser.add_argument("--hidden-dim", type=int, default=512, help="projection head width")
     parser.add_argument("--queue-size", type=int, default=4096, help="moco/pcl/nnclr queue")
@@ -228,12 +228,14 @@ def pretrain(args) -> dict:
     if n < args.batch_size:
         raise OreError(f"--batch-size {args.batch_size} is larger than the {n} training images")
 
+    if args.temperature is None:
+        args.temperature = DEFAULT_TEMPERATURE[args.method]  # resolved, so records show it
     trunk = build_trunk(args.arch)
     method = build_method(
         args.method,
         trunk,
         trunk_out_channels(args.arch),
-        temperature=args.temperature or DEFAULT_TEMPERATURE[args.method],
+        temperature=args.temperature,
         hidden_dim=args.hidden_dim,
         out_dim=args.out_dim,
         queue_size=args.queue_size,
