@@ -96,6 +96,10 @@ def _check_args(args) -> None:
         raise OreError(f"--momentum must be in [0, 1], got {args.momentum}")
     if args.temperature is not None and not args.temperature > 0:
         raise OreError(f"--temperature must be > 0, got {args.temperature}")
+    if args.temperature is None:  # resolved here, like --crop-scale, so records show it
+        from ore.contrastive.methods import DEFAULT_TEMPERATURE
+
+        args.temperature = DEFAULT_TEMPERATURE[args.method]
     try:
         args.num_clusters = tuple(int(k) for k in str(args.num_clusters).split(","))
     except ValueError:
@@ -215,7 +219,7 @@ def pretrain(args) -> dict:
 
     from ore.contrastive.augment import BatchAugment
     from ore.contrastive.knn import KNNMonitor
-    from ore.contrastive.methods import DEFAULT_TEMPERATURE, build_method
+    from ore.contrastive.methods import build_method
     from ore.modeling.backbone import build_trunk, trunk_out_channels
 
     _check_args(args)
@@ -228,8 +232,6 @@ def pretrain(args) -> dict:
     if n < args.batch_size:
         raise OreError(f"--batch-size {args.batch_size} is larger than the {n} training images")
 
-    if args.temperature is None:
-        args.temperature = DEFAULT_TEMPERATURE[args.method]  # resolved, so records show it
     trunk = build_trunk(args.arch)
     method = build_method(
         args.method,
