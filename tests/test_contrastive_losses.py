@@ -3,6 +3,7 @@ fp64 gradcheck, and finiteness at temperature 0.01 (fp32 and bf16 autocast)."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -271,6 +272,30 @@ def test_moco_matches_loop_and_enqueues_keys():
     loss.backward()
     assert enc.weight.grad is not None
     assert all(p.grad is None for p in moco.encoder_k.parameters())
+
+
+def test_moco_symmetric_scores_both_views_against_the_queue_before_enqueueing():
+    torch.manual_seed(2)
+    enc = nn.Linear(6, 4)
+    moco = MoCo(enc, 4, queue_size=10, momentum=0.9, temperature=0.2, symmetric=True)
+    queue_before = moco.queue.get().clone()
+    before = copy.deepcopy(moco)
+    before.symmetric = False
+    x1, x2 = torch.randn(3, 6), torch.randn(3, 6)
+    loss = moco(x1, x2)
+    q1, q2 = enc(x1).detach(), enc(x2).detach()
+    k1, k2 = moco.encoder_k(x1).detach(), moco.encoder_k(x2).detach()
+    # Both directions see the queue as it was: neither view's own key is a negative.
+    ref = 0.5 * (naive_infonce(q1, k2, queue_before, 0.2)
+                 + naive_infonce(q2, k1, queue_before, 0.2))
+    assert close(loss, ref, 1e-4)
+    assert torch.allclose(moco.queue.features[:6], F.normalize(torch.cat([k2, k1]), dim=1),
+                          atol=1e-6)
+    assert int(moco.queue.ptr) == 6
+    # Two asymmetric calls differ: the second scores f_k(x2), enqueued by the first, as a
+    # negative of f_q(x2), which is the same image and view (f_k = f_q at the start).
+    two_calls = 0.5 * (before(x1, x2) + before(x2, x1))
+    assert float(two_calls) > float(ref) + 1e-3
 
 
 def test_moco_shuffle_bn_splits_gives_same_keys_without_batchnorm():

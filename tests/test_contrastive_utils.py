@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ore.contrastive import (
@@ -134,6 +137,29 @@ def test_batch_augment_shapes_range_and_randomness():
         BatchAugment(32, gray_prob=2)
     with pytest.raises(ValueError, match="solarize_prob"):
         BatchAugment(32, solarize_prob=-0.1)
+
+
+def test_batch_augment_crop_matches_affine_grid():
+    # The crop-and-flip grid is built by broadcasting; affine_grid with the same matrices
+    # (drawn from the same random stream) must give the same crops.
+    x = torch.rand(6, 1, 28, 28)
+    aug = BatchAugment(20, scale=(0.3, 1), flip_prob=0.5)
+    torch.manual_seed(3)
+    got = aug._crop_flip(x)
+    torch.manual_seed(3)
+    B = x.shape[0]
+    area = torch.empty(B).uniform_(0.3, 1)
+    r = torch.empty(B).uniform_(math.log(3 / 4), math.log(4 / 3)).exp()
+    w, h = (area * r).sqrt().clamp(max=1), (area / r).sqrt().clamp(max=1)
+    cx, cy = (torch.rand(B) * 2 - 1) * (1 - w), (torch.rand(B) * 2 - 1) * (1 - h)
+    flip = torch.where(torch.rand(B) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(B, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
+    grid = F.affine_grid(theta, [B, 1, 20, 20], align_corners=False)
+    want = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
+                         align_corners=False)
+    assert (flip < 0).any() and (flip > 0).any()
+    assert torch.allclose(got, want, atol=1e-6)
 
 
 def test_knn_cosine_and_l2():

@@ -89,11 +89,11 @@ class MoCoMethod(Method):
             momentum=momentum,
             temperature=temperature,
             shuffle_bn_splits=2,
+            symmetric=True,  # each view is once the query, as in MoCo v3 and CIFAR recipes
         )
 
     def forward(self, x1, x2, labels=None, index=None):
-        # Symmetrised (each view is once the query), as in MoCo v3 and most CIFAR recipes.
-        return 0.5 * (self.moco(x1, x2) + self.moco(x2, x1))
+        return self.moco(x1, x2)
 
 
 class NNCLR(Method):

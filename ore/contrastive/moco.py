@@ -27,6 +27,13 @@ class MoCo(nn.Module):
     reason for MoCo's shuffling BN across GPUs). ``shuffle_bn_splits = s > 1`` emulates it
     on one device: keys are encoded in s shuffled sub-batches.
 
+    ``symmetric=True`` makes each view once the query and once the key (MoCo v3's
+    symmetrised loss, here with the queue): the loss is the mean over the 2n queries
+    [x_q; x_k] against the keys [x_k; x_q], all scored against the same queue, and
+    the 2n keys are enqueued afterwards. Two asymmetric calls would not do: the first
+    enqueues f_k(x_k), which the second then scores as a negative of its query f_q(x_k),
+    the same image under the same augmentation.
+
     Attributes:
         encoder_q: f_q, mapping images to [n, dim] (trunk + projection head).
         encoder_k: f_k, a deep copy of f_q updated only by momentum.
@@ -48,6 +55,7 @@ class MoCo(nn.Module):
         temperature: float = 0.07,
         *,
         shuffle_bn_splits: int = 1,
+        symmetric: bool = False,
         gather_distributed: bool = False,
     ):
         super().__init__()
@@ -58,6 +66,7 @@ class MoCo(nn.Module):
         self.K, self.m = int(queue_size), float(momentum)
         self.T = check_temperature(temperature)
         self.shuffle_bn_splits = shuffle_bn_splits
+        self.symmetric = bool(symmetric)
         self.gather_distributed = gather_distributed
         self.encoder_q = encoder_q
         self.encoder_k = copy.deepcopy(encoder_q)
@@ -76,10 +85,12 @@ class MoCo(nn.Module):
 
     def forward(self, x_q: torch.Tensor, x_k: torch.Tensor) -> torch.Tensor:
         """x_q, x_k: two augmented views [n, ...]. Returns the scalar loss."""
-        q = F.normalize(self.encoder_q(x_q), dim=1)  # [n, dim]
+        if self.symmetric:
+            x_q, x_k = torch.cat([x_q, x_k]), torch.cat([x_k, x_q])
+        q = F.normalize(self.encoder_q(x_q), dim=1)  # [n, dim] (2n when symmetric)
         if self.training:
             momentum_update(self.encoder_k, self.encoder_q, self.m)
-        k = self._keys(x_k)  # [n, dim], no gradient
+        k = self._keys(x_k)  # no gradient
         negatives = self.queue.get().clone()  # [K, dim]; enqueue below writes in place
         with torch.autocast(device_type=q.device.type, enabled=False):
             loss = info_nce(q.float(), k.float(), negatives.float(), self.T).mean()

@@ -310,7 +310,8 @@ def pretrain(args) -> dict:
                 group["lr"] = _lr_at(progress, lr)
             idx = perm[it * args.batch_size : (it + 1) * args.batch_size]
             x = prep.to_unit(train.images[idx].to(device))
-            x1, x2 = prep.normalize(augment(x)), prep.normalize(augment(x))
+            # Both views in one call (independent draws per row): half the small ops.
+            x1, x2 = prep.normalize(augment(torch.cat([x, x]))).chunk(2)
             labels = train.labels[idx].to(device) if train.labels is not None else None
             loss = method(x1, x2, labels, idx.to(device))
             if not torch.isfinite(loss):
