@@ -140,8 +140,8 @@ def test_batch_augment_shapes_range_and_randomness():
 
 
 def test_batch_augment_crop_matches_affine_grid():
-    # The crop-and-flip grid is built by broadcasting; affine_grid with the same matrices
-    # (drawn from the same random stream) must give the same crops.
+    # The separable crop-and-flip resampling must give what affine_grid + grid_sample give
+    # with the same matrices (drawn from the same random stream).
     x = torch.rand(6, 1, 28, 28)
     aug = BatchAugment(20, scale=(0.3, 1), flip_prob=0.5)
     torch.manual_seed(3)
@@ -159,7 +159,7 @@ def test_batch_augment_crop_matches_affine_grid():
     want = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
                          align_corners=False)
     assert (flip < 0).any() and (flip > 0).any()
-    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_knn_cosine_and_l2():

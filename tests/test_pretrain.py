@@ -81,11 +81,14 @@ def test_defaults_are_resolved_in_the_arguments(image_dir, tmp_path, method):
     """Benchmarks record ``vars(args)`` as the recipe, so no default may stay ``None``."""
     args = _args("--method", method, "--images", str(image_dir), "--arch", "tiny",
                  "--epochs", "1", "--batch-size", "4", "--image-size", "32",
-                 "--queue-size", "16", "--output", str(tmp_path / "t.pth"), "--no-progress")
-    assert args.temperature is None and args.crop_scale is None
+                 "--output", str(tmp_path / "t.pth"), "--no-progress")
+    assert args.temperature is None and args.crop_scale is None and args.queue_size is None
     pretrain(args)
     assert args.temperature == DEFAULT_TEMPERATURE[method]
     assert args.crop_scale == (0.2, 1.0)  # image folders' default
+    # MoCo's queue holds the keys of the last 8 steps (2 × batch keys per step).
+    assert args.queue_size == (16 * 4 if method == "moco" else 4096)
+    assert args.lr == 0.06  # not scaled down below batch 256
 
 
 def test_resnet18_trunk_roundtrip(tmp_path):
@@ -152,7 +155,9 @@ def test_missing_dataset_and_bad_arguments_are_ore_errors(tmp_path, image_dir):
     for flag, value, message in (("--crop-scale", "0.5", "LO,HI"),
                                  ("--crop-scale", "0.9,0.2", "0 < LO ≤ HI ≤ 1"),
                                  ("--jitter", "1.5", "--jitter"),
-                                 ("--solarize-prob", "2", "--solarize-prob")):
+                                 ("--solarize-prob", "2", "--solarize-prob"),
+                                 ("--lr", "0", "--lr must be > 0"),
+                                 ("--queue-size", "0", "--queue-size must be ≥ 1")):
         with pytest.raises(OreError, match=message):
             pretrain(_args("--method", "simclr", "--images", str(image_dir), flag, value,
                            "--output", str(tmp_path / "o.pth")))

