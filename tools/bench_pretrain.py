@@ -48,7 +48,7 @@ def main() -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--arch", default="tiny")
     p.add_argument("--batch-size", type=int, default=64,
-                   help="64 gives the most steps per CPU minute; 256 is the GPU recipe")
+                   help="64 scored best on a 15-minute CPU budget; 256 is the GPU recipe")
     p.add_argument("--image-size", type=int, default=DEFAULT_SIZE)
     p.add_argument("--extra", default="", help="more `ore pretrain` flags for every method, "
                    "e.g. \"--jitter 0.4 --solarize-prob 0 --pcl-recluster-steps 50\"; "

@@ -4,7 +4,7 @@ and BYOL's solarisation.
 Two forms of one recipe (Chen et al., 2020, appendix A):
 
 * :class:`BatchAugment` applies it to a whole batch [B, C, H, W] with per-sample random
-  parameters using batched tensor ops (one ``grid_sample`` for crop + flip). On a CPU
+  parameters using batched tensor ops (crop + flip as two small matmuls per image). On a CPU
   this is far faster than per-image transforms, which matters for small images.
 * :func:`simclr_transforms` builds the same recipe as a torchvision ``v2`` pipeline for
   one image at a time (data-loader workers, large images).
