@@ -295,7 +295,7 @@ def test_moco_symmetric_scores_both_views_against_the_queue_before_enqueueing():
     # Two asymmetric calls differ: the second scores f_k(x2), enqueued by the first, as a
     # negative of f_q(x2), which is the same image and view (f_k = f_q at the start).
     two_calls = 0.5 * (before(x1, x2) + before(x2, x1))
-    assert float(two_calls) > float(ref) + 1e-3
+    assert float(two_calls.detach()) > float(ref) + 1e-3
 
 
 def test_moco_shuffle_bn_splits_gives_same_keys_without_batchnorm():
