@@ -298,6 +298,30 @@ def test_moco_symmetric_scores_both_views_against_the_queue_before_enqueueing():
     assert float(two_calls.detach()) > float(ref) + 1e-3
 
 
+def test_moco_extra_crops_are_queries_against_every_key_of_their_image():
+    torch.manual_seed(3)
+    enc = nn.Linear(6, 4)
+    moco = MoCo(enc, 4, queue_size=20, momentum=0.9, temperature=0.2, symmetric=True)
+    queue_before = moco.queue.get().clone()
+    n, v = 3, 2
+    x1, x2, extra = torch.randn(n, 6), torch.randn(n, 6), torch.randn(v * n, 6)
+    loss = moco(x1, x2, extra)
+    q = [enc(x).detach() for x in (x1, x2)]
+    k = [moco.encoder_k(x).detach() for x in (x1, x2)]
+    qe = enc(extra).detach()
+    # Pairs: q1→k2, q2→k1, and each extra crop u of image i → k1[i] and → k2[i].
+    pairs_q = [q[0], q[1]] + [qe[u * n : (u + 1) * n] for u in range(v) for _ in range(2)]
+    pairs_k = [k[1], k[0]] + [k[j] for _ in range(v) for j in range(2)]
+    total = sum(naive_infonce(a, b, queue_before, 0.2) * len(a) for a, b in zip(pairs_q, pairs_k))
+    assert close(loss, total / (2 * n + 2 * v * n), 1e-4)
+    # Only the two views' keys are enqueued.
+    assert int(moco.queue.ptr) == 2 * n
+    assert torch.allclose(moco.queue.features[: 2 * n], F.normalize(torch.cat([k[1], k[0]]), dim=1),
+                          atol=1e-6)
+    with pytest.raises(ValueError, match="whole views"):
+        moco(x1, x2, torch.randn(4, 6))
+
+
 def test_moco_shuffle_bn_splits_gives_same_keys_without_batchnorm():
     enc = nn.Linear(6, 4)
     a = MoCo(enc, 4, queue_size=8, shuffle_bn_splits=3)

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ore.cli import main as cli_main
 from ore.contrastive.data import fashion_mnist_available, load_fashion_mnist, read_idx
-from ore.contrastive.methods import DEFAULT_TEMPERATURE, METHODS, build_method
+from ore.contrastive.methods import DEFAULT_TEMPERATURE, HEADS, METHODS, build_method
 from ore.contrastive.pretrain import add_arguments, pretrain
 from ore.errors import OreError
 from ore.modeling.backbone import (
@@ -46,13 +48,15 @@ def image_dir(tmp_path):
     return tmp_path / "imgs"
 
 
-@pytest.mark.parametrize("method,optimizer", [("simclr", "sgd"), ("moco", "adamw")])
-def test_pretrain_writes_trunk_the_detector_loads(image_dir, tmp_path, method, optimizer):
+@pytest.mark.parametrize("method,optimizer,extra", [
+    ("simclr", "sgd", []), ("moco", "adamw", ["--small-crops", "2", "--small-size", "16"]),
+])
+def test_pretrain_writes_trunk_the_detector_loads(image_dir, tmp_path, method, optimizer, extra):
     out = tmp_path / "w" / "trunk.pth"
     rc = cli_main([
         "pretrain", "--method", method, "--images", str(image_dir), "--arch", "tiny",
         "--epochs", "2", "--batch-size", "4", "--image-size", "32", "--queue-size", "16",
-        "--optimizer", optimizer, "--output", str(out), "--no-progress",
+        "--optimizer", optimizer, "--output", str(out), "--no-progress", *extra,
     ])
     assert rc == 0 and out.is_file()
     state = torch.load(out, weights_only=True)
@@ -101,14 +105,19 @@ def test_resnet18_trunk_roundtrip(tmp_path):
     build_fpn_backbone(arch="resnet18", weights=str(out))
 
 
+@pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("method", METHODS)
-def test_every_method_takes_a_finite_training_step(method):
+def test_every_method_takes_a_finite_training_step(method, head):
     torch.manual_seed(0)
     trunk = build_trunk("tiny")
     m = build_method(
         method, trunk, trunk_out_channels("tiny"), temperature=0.2, hidden_dim=32, out_dim=16,
         queue_size=32, momentum=0.9, num_samples=8, num_clusters=(2, 3), recluster_steps=1,
+        head=head,
     )
+    if head == "none" and method != "nnclr":  # NNCLR keeps its predictor
+        # The loss sees the pooled trunk features themselves.
+        assert not any(isinstance(mod, torch.nn.Linear) for mod in m.modules())
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
     x1, x2 = torch.randn(2, 8, 3, 32, 32).unbind(0)
     labels, index = torch.tensor([0, 1, 0, 1, 2, 2, 3, 3]), torch.arange(8)
@@ -123,6 +132,34 @@ def test_every_method_takes_a_finite_training_step(method):
     assert not torch.equal(before, trunk.state_dict()[key])
     if method == "pcl":
         assert len(m.loss.prototypes) == 2
+
+
+def test_simclr_and_supcon_multi_crop_treat_every_crop_of_an_image_as_a_positive():
+    torch.manual_seed(0)
+    kw = dict(temperature=0.2, hidden_dim=32, out_dim=16, queue_size=32, momentum=0.9,
+              num_samples=8, num_clusters=(2,), recluster_steps=1)
+    n, v = 4, 3
+    x1, x2 = torch.randn(2, n, 3, 32, 32).unbind(0)
+    small = torch.randn(v * n, 3, 16, 16)
+    labels = torch.tensor([0, 1, 0, 2])
+    for name, lab in (("simclr", torch.arange(n)), ("supcon", labels)):
+        m = build_method(name, build_trunk("tiny"), trunk_out_channels("tiny"), **kw)
+        loss = m(x1, x2, labels, torch.arange(n), small)
+        with torch.no_grad():  # train-mode BN: the same two passes as the method makes
+            z = F.normalize(torch.cat([m.projector(m.encoder(torch.cat([x1, x2]))),
+                                       m.projector(m.encoder(small))]), dim=1)
+        owner = lab.repeat(2 + v)  # crop c belongs to image c % n
+        total, count = 0.0, 0
+        for a in range(len(z)):
+            others = [b for b in range(len(z)) if b != a]
+            log_denom = math.log(sum(math.exp(float(z[a] @ z[b]) / 0.2) for b in others))
+            pos = [b for b in others if owner[b] == owner[a]]
+            total += -sum(float(z[a] @ z[b]) / 0.2 - log_denom for b in pos) / len(pos)
+            count += 1
+        assert math.isclose(float(loss.detach()), total / count, rel_tol=1e-4), name
+    nnclr = build_method("nnclr", build_trunk("tiny"), trunk_out_channels("tiny"), **kw)
+    with pytest.raises(ValueError, match="multi-crop"):
+        nnclr(x1, x2, labels, torch.arange(n), small)
 
 
 def test_empty_image_folder_is_an_ore_error(tmp_path, capsys):
@@ -157,10 +194,16 @@ def test_missing_dataset_and_bad_arguments_are_ore_errors(tmp_path, image_dir):
                                  ("--jitter", "1.5", "--jitter"),
                                  ("--solarize-prob", "2", "--solarize-prob"),
                                  ("--lr", "0", "--lr must be > 0"),
-                                 ("--queue-size", "0", "--queue-size must be ≥ 1")):
+                                 ("--queue-size", "0", "--queue-size must be ≥ 1"),
+                                 ("--small-crop-scale", "0.1", "--small-crop-scale: expected"),
+                                 ("--small-crops", "-1", "--small-crops must be ≥ 0"),
+                                 ("--small-size", "4", "--small-size must be ≥ 8")):
         with pytest.raises(OreError, match=message):
             pretrain(_args("--method", "simclr", "--images", str(image_dir), flag, value,
                            "--output", str(tmp_path / "o.pth")))
+    with pytest.raises(OreError, match="nnclr has no multi-crop form"):
+        pretrain(_args("--method", "nnclr", "--images", str(image_dir), "--small-crops", "2",
+                       "--output", str(tmp_path / "o.pth")))
 
 
 def test_read_idx_roundtrip_and_corrupt_file(tmp_path):

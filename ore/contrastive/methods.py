@@ -40,7 +40,12 @@ class PooledTrunk(nn.Module):
 
 
 class Method(nn.Module):
+    """Base: ``forward(x1, x2, labels, index, small)`` → scalar loss. ``small`` holds
+    extra low-resolution crops [v·n, C, s, s] (view-major) for methods with
+    ``multi_crop = True``; they go through the trunk in their own pass."""
+
     needs_labels = False
+    multi_crop = False
 
     def __init__(self, trunk: nn.Module, channels: int):
         super().__init__()
@@ -52,40 +57,79 @@ class Method(nn.Module):
         return self.encoder.trunk
 
 
-class SimCLR(Method):
-    def __init__(self, trunk, channels, *, temperature, hidden_dim, out_dim, **_):
-        super().__init__(trunk, channels)
-        self.projector = ProjectionHead(channels, hidden_dim, out_dim)
-        self.loss = NTXentLoss(temperature)
+HEADS = ("mlp", "linear", "none")
 
-    def forward(self, x1, x2, labels=None, index=None):
+
+def _projector(head: str, channels: int, hidden_dim: int, out_dim: int, **mlp_kw):
+    """The projection head and its output dim: the method's MLP, one Linear layer
+    (MoCo v1), or none (the loss sees the pooled trunk features, the ones kNN and the
+    detector use)."""
+    if head == "none":
+        return nn.Identity(), channels
+    if head == "linear":
+        return nn.Linear(channels, out_dim), out_dim
+    if head == "mlp":
+        return ProjectionHead(channels, hidden_dim, out_dim, **mlp_kw), out_dim
+    raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+
+
+def _views(z: torch.Tensor, z_small: torch.Tensor | None, n: int) -> torch.Tensor:
+    """[2n, D] (views 1 and 2) and optional [v·n, D] extra crops → [n, 2 + v, D]."""
+    views = z if z_small is None else torch.cat([z, z_small])
+    return views.view(-1, n, z.shape[1]).transpose(0, 1)
+
+
+def _no_small(method: Method, small) -> None:
+    if small is not None:
+        raise ValueError(f"{type(method).__name__} does not take multi-crop views")
+
+
+class SimCLR(Method):
+    def __init__(self, trunk, channels, *, temperature, hidden_dim, out_dim, head="mlp", **_):
+        super().__init__(trunk, channels)
+        self.projector, _ = _projector(head, channels, hidden_dim, out_dim)
+        self.loss = NTXentLoss(temperature)
+        self._multi_positive = SupConLoss(temperature)
+
+    multi_crop = True
+
+    def forward(self, x1, x2, labels=None, index=None, small=None):
         n = x1.shape[0]
         z = self.projector(self.encoder(torch.cat([x1, x2])))  # one pass: shared BN stats
-        return self.loss(z[:n], z[n:])
+        if small is None:
+            return self.loss(z[:n], z[n:])
+        # Multi-crop: every crop of an image is a positive of every other (NT-Xent with
+        # several positives, i.e. SupCon with each image its own class).
+        return self._multi_positive(_views(z, self.projector(self.encoder(small)), n), None)
 
 
 class SupCon(Method):
     needs_labels = True
 
-    def __init__(self, trunk, channels, *, temperature, hidden_dim, out_dim, **_):
+    def __init__(self, trunk, channels, *, temperature, hidden_dim, out_dim, head="mlp", **_):
         super().__init__(trunk, channels)
-        self.projector = ProjectionHead(channels, hidden_dim, out_dim)
+        self.projector, _ = _projector(head, channels, hidden_dim, out_dim)
         self.loss = SupConLoss(temperature)
 
-    def forward(self, x1, x2, labels=None, index=None):
+    multi_crop = True
+
+    def forward(self, x1, x2, labels=None, index=None, small=None):
         n = x1.shape[0]
         z = self.projector(self.encoder(torch.cat([x1, x2])))
-        return self.loss(torch.stack([z[:n], z[n:]], dim=1), labels)
+        zs = None if small is None else self.projector(self.encoder(small))
+        return self.loss(_views(z, zs, n), labels)
 
 
 class MoCoMethod(Method):
     def __init__(
-        self, trunk, channels, *, temperature, hidden_dim, out_dim, queue_size, momentum, **_
+        self, trunk, channels, *, temperature, hidden_dim, out_dim, queue_size, momentum,
+        head="mlp", **_,
     ):
         super().__init__(trunk, channels)
+        projector, dim = _projector(head, channels, hidden_dim, out_dim)
         self.moco = MoCo(
-            nn.Sequential(self.encoder, ProjectionHead(channels, hidden_dim, out_dim)),
-            out_dim,
+            nn.Sequential(self.encoder, projector),
+            dim,
             queue_size=queue_size,
             momentum=momentum,
             temperature=temperature,
@@ -93,20 +137,25 @@ class MoCoMethod(Method):
             symmetric=True,  # each view is once the query, as in MoCo v3 and CIFAR recipes
         )
 
-    def forward(self, x1, x2, labels=None, index=None):
-        return self.moco(x1, x2)
+    multi_crop = True
+
+    def forward(self, x1, x2, labels=None, index=None, small=None):
+        return self.moco(x1, x2, small)
 
 
 class NNCLR(Method):
-    def __init__(self, trunk, channels, *, temperature, hidden_dim, out_dim, queue_size, **_):
+    def __init__(
+        self, trunk, channels, *, temperature, hidden_dim, out_dim, queue_size, head="mlp", **_
+    ):
         super().__init__(trunk, channels)
-        self.projector = ProjectionHead(
-            channels, hidden_dim, out_dim, num_layers=3, last_batch_norm=True
+        self.projector, dim = _projector(
+            head, channels, hidden_dim, out_dim, num_layers=3, last_batch_norm=True
         )
-        self.predictor = PredictionHead(out_dim, hidden_dim)
+        self.predictor = PredictionHead(dim, hidden_dim)
         self.loss = NNCLRLoss(temperature, queue_size=queue_size)
 
-    def forward(self, x1, x2, labels=None, index=None):
+    def forward(self, x1, x2, labels=None, index=None, small=None):
+        _no_small(self, small)
         n = x1.shape[0]
         z = self.projector(self.encoder(torch.cat([x1, x2])))
         p = self.predictor(z)
@@ -132,15 +181,16 @@ class PCL(Method):
         num_samples,
         num_clusters,
         recluster_steps,
+        head="mlp",
         **_,
     ):
         super().__init__(trunk, channels)
-        self.projector = ProjectionHead(channels, hidden_dim, out_dim)
+        self.projector, dim = _projector(head, channels, hidden_dim, out_dim)
         self.key_encoder = copy.deepcopy(nn.Sequential(self.encoder, self.projector))
         for p in self.key_encoder.parameters():
             p.requires_grad_(False)
         self.m = momentum
-        self.queue = FeatureQueue(queue_size, out_dim, random_init=True)
+        self.queue = FeatureQueue(queue_size, dim, random_init=True)
         self.loss = ProtoNCELoss(
             temperature,
             tuple(min(k, num_samples) for k in num_clusters),
@@ -149,7 +199,8 @@ class PCL(Method):
         self.recluster_steps = recluster_steps
         self.steps = 0
 
-    def forward(self, x1, x2, labels=None, index=None):
+    def forward(self, x1, x2, labels=None, index=None, small=None):
+        _no_small(self, small)
         if self.training:
             if self.steps and self.steps % self.recluster_steps == 0:
                 self.loss.update_prototypes(seed=self.steps)

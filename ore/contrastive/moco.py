@@ -34,6 +34,10 @@ class MoCo(nn.Module):
     enqueues f_k(x_k), which the second then scores as a negative of its query f_q(x_k),
     the same image under the same augmentation.
 
+    ``x_extra`` adds query-only crops (SwAV's multi-crop: small low-resolution views).
+    Each is scored against every key of its image, and only the two views' keys are
+    enqueued; the loss is the mean over all (query, key) pairs.
+
     Attributes:
         encoder_q: f_q, mapping images to [n, dim] (trunk + projection head).
         encoder_k: f_k, a deep copy of f_q updated only by momentum.
@@ -83,17 +87,33 @@ class MoCo(nn.Module):
         k = torch.cat([self.encoder_k(chunk) for chunk in x_k[perm].chunk(s)])
         return F.normalize(k[torch.argsort(perm)], dim=1)
 
-    def forward(self, x_q: torch.Tensor, x_k: torch.Tensor) -> torch.Tensor:
-        """x_q, x_k: two augmented views [n, ...]. Returns the scalar loss."""
+    def forward(
+        self, x_q: torch.Tensor, x_k: torch.Tensor, x_extra: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x_q, x_k: two augmented views [n, ...]; x_extra: optional extra query crops
+        [v·n, ...] (view-major, e.g. small multi-crop views), each scored against every
+        key of its image. Returns the scalar loss."""
+        n = x_q.shape[0]
         if self.symmetric:
             x_q, x_k = torch.cat([x_q, x_k]), torch.cat([x_k, x_q])
         q = F.normalize(self.encoder_q(x_q), dim=1)  # [n, dim] (2n when symmetric)
         if self.training:
             momentum_update(self.encoder_k, self.encoder_q, self.m)
         k = self._keys(x_k)  # no gradient
+        q_all, k_all = q, k
+        if x_extra is not None:
+            if x_extra.shape[0] % n:
+                raise ValueError(
+                    f"x_extra must hold whole views of the {n} images, got {x_extra.shape[0]}"
+                )
+            v, (nk, d) = x_extra.shape[0] // n, (k.shape[0] // n, k.shape[1])
+            q_extra = F.normalize(self.encoder_q(x_extra), dim=1)  # own pass: own BN stats
+            # Row (j, u, i): extra view u of image i against image i's key of view j.
+            q_all = torch.cat([q, q_extra.repeat(nk, 1)])
+            k_all = torch.cat([k, k.view(nk, 1, n, d).expand(nk, v, n, d).reshape(-1, d)])
         negatives = self.queue.get().clone()  # [K, dim]; enqueue below writes in place
         with torch.autocast(device_type=q.device.type, enabled=False):
-            loss = info_nce(q.float(), k.float(), negatives.float(), self.T).mean()
+            loss = info_nce(q_all.float(), k_all.float(), negatives.float(), self.T).mean()
         if self.training:
             self.queue.enqueue(all_gather_no_grad(k) if self.gather_distributed else k)
         return loss

@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--temperature", type=float, default=None,
                         help="default per method: pcl 0.2, the others 0.1")
+    parser.add_argument("--head", choices=("mlp", "linear", "none"), default="mlp",
+                        help="projection head: the method's MLP, one linear layer, or none "
+                             "(the loss on the pooled trunk features themselves)")
     parser.add_argument("--out-dim", type=int, default=128, help="projection dimension")
     parser.add_argument("--hidden-dim", type=int, default=512, help="projection head width")
     parser.add_argument("--queue-size", type=int, default=None,
@@ -78,6 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--solarize-prob", type=float, default=0.2,
                         help="probability of solarisation (BYOL); with intensity jitter it "
                              "keeps grey-level crops from matching by their histogram")
+    parser.add_argument("--small-crops", type=int, default=0, metavar="V",
+                        help="multi-crop (SwAV): V extra low-resolution crops per image "
+                             "(simclr, moco, supcon)")
+    parser.add_argument("--small-size", type=int, default=32,
+                        help="side length of the --small-crops views")
+    parser.add_argument("--small-crop-scale", default="0.15,0.4", metavar="LO,HI",
+                        help="area fraction range of the --small-crops views")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -123,15 +133,15 @@ def _check_args(args) -> None:
         raise OreError(f"--num-clusters must all be ≥ 2, got {args.num_clusters}")
     if args.crop_scale is None:
         args.crop_scale = "0.4,1.0" if args.dataset == "fashion-mnist" else "0.2,1.0"
-    try:
-        lo, hi = (float(v) for v in str(args.crop_scale).split(","))
-    except ValueError:
-        raise OreError(
-            f"--crop-scale: expected two comma-separated numbers LO,HI, got {args.crop_scale!r}"
-        ) from None
-    if not 0 < lo <= hi <= 1:
-        raise OreError(f"--crop-scale must satisfy 0 < LO ≤ HI ≤ 1, got {args.crop_scale!r}")
-    args.crop_scale = (lo, hi)
+    args.crop_scale = _scale_range("--crop-scale", args.crop_scale)
+    args.small_crop_scale = _scale_range("--small-crop-scale", args.small_crop_scale)
+    if args.small_crops < 0:
+        raise OreError(f"--small-crops must be ≥ 0, got {args.small_crops}")
+    if args.small_size < 8:
+        raise OreError(f"--small-size must be ≥ 8, got {args.small_size}")
+    if args.small_crops and args.method not in ("simclr", "moco", "supcon"):
+        raise OreError(f"--small-crops: {args.method} has no multi-crop form; "
+                       "use simclr, moco or supcon, or --small-crops 0")
     if not 0 <= args.jitter < 1:
         raise OreError(f"--jitter must be in [0, 1), got {args.jitter}")
     for name in ("blur_prob", "solarize_prob"):
@@ -141,6 +151,18 @@ def _check_args(args) -> None:
     out = Path(args.output)
     if out.is_dir():
         raise OreError(f"--output: {out} is a directory; give a file name")
+
+
+def _scale_range(flag: str, value) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in str(value).split(","))
+    except ValueError:
+        raise OreError(
+            f"{flag}: expected two comma-separated numbers LO,HI, got {value!r}"
+        ) from None
+    if not 0 < lo <= hi <= 1:
+        raise OreError(f"{flag} must satisfy 0 < LO ≤ HI ≤ 1, got {value!r}")
+    return lo, hi
 
 
 def _load_data(args):
@@ -253,6 +275,7 @@ def pretrain(args) -> dict:
         temperature=args.temperature,
         hidden_dim=args.hidden_dim,
         out_dim=args.out_dim,
+        head=args.head,
         queue_size=args.queue_size,
         momentum=args.momentum,
         num_samples=n,
@@ -270,6 +293,11 @@ def pretrain(args) -> dict:
     augment = BatchAugment(size, scale=args.crop_scale, jitter=(j, j, j, j / 4),
                            jitter_prob=0.8 if j > 0 else 0.0, blur_prob=args.blur_prob,
                            solarize_prob=args.solarize_prob)
+    small_augment = None
+    if args.small_crops:
+        small_augment = BatchAugment(args.small_size, scale=args.small_crop_scale,
+                                     jitter=(j, j, j, j / 4), jitter_prob=0.8 if j > 0 else 0.0,
+                                     blur_prob=args.blur_prob, solarize_prob=args.solarize_prob)
     params = [p for p in method.parameters() if p.requires_grad]
     lr = args.lr
     if args.optimizer == "sgd":
@@ -324,8 +352,11 @@ def pretrain(args) -> dict:
             x = prep.to_unit(train.images[idx].to(device))
             # Both views in one call (independent draws per row): half the small ops.
             x1, x2 = prep.normalize(augment(torch.cat([x, x]))).chunk(2)
+            small = None
+            if small_augment is not None:  # [V·n] view-major, one pass through the trunk
+                small = prep.normalize(small_augment(x.repeat(args.small_crops, 1, 1, 1)))
             labels = train.labels[idx].to(device) if train.labels is not None else None
-            loss = method(x1, x2, labels, idx.to(device))
+            loss = method(x1, x2, labels, idx.to(device), small)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"non-finite loss at epoch {epoch + 1} step {it}")
             optimizer.zero_grad(set_to_none=True)
