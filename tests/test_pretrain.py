@@ -6,6 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,6 +164,35 @@ def test_simclr_and_supcon_multi_crop_treat_every_crop_of_an_image_as_a_positive
     nnclr = build_method("nnclr", build_trunk("tiny"), trunk_out_channels("tiny"), **kw)
     with pytest.raises(ValueError, match="multi-crop"):
         nnclr(x1, x2, labels, torch.arange(n), small)
+
+
+def _torchrun_pretrain(args: list[str], cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "ore", "pretrain", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_torchrun_two_processes_pretrain_on_one_clock(image_dir, tmp_path):
+    """Two processes split each batch, stop at the same step on a time budget (a process
+    that stopped alone would leave the other waiting in DDP's all-reduce), and rank 0
+    alone writes."""
+    out = tmp_path / "w" / "trunk.pth"
+    proc = _torchrun_pretrain([
+        "--method", "moco", "--images", str(image_dir), "--arch", "tiny", "--epochs", "1000",
+        "--minutes", "0.05", "--batch-size", "4", "--image-size", "32", "--queue-size", "16",
+        "--output", str(out), "--no-progress",
+    ], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    epochs = [json.loads(line)["epoch"] for line in (out.parent / "metrics.jsonl").open()]
+    assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) < 1000  # one writer
+    load_trunk_weights(build_trunk("tiny"), out)
+    proc = _torchrun_pretrain(["--method", "nnclr", "--images", str(image_dir),
+                               "--output", str(tmp_path / "n.pth")], tmp_path)
+    assert proc.returncode != 0
+    assert "--method nnclr runs in one process only" in proc.stderr
 
 
 def test_empty_image_folder_is_an_ore_error(tmp_path, capsys):

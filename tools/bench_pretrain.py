@@ -8,11 +8,14 @@ training resolution. Installs the Debian package ``dataset-fashion-mnist`` when 
 
     python tools/bench_pretrain.py --minutes 15            # the issue's budget per method
     python tools/bench_pretrain.py --minutes 3 --methods simclr,moco
+    python tools/bench_pretrain.py --procs 2   # torchrun: 2 processes share the cores
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -53,6 +56,9 @@ def main() -> int:
     p.add_argument("--extra", default="", help="more `ore pretrain` flags for every method, "
                    "e.g. \"--jitter 0.4 --solarize-prob 0 --pcl-recluster-steps 50\"; "
                    "the augmentation and optimiser are `ore pretrain`'s defaults otherwise")
+    p.add_argument("--procs", type=int, default=1,
+                   help="train each method with torchrun in this many processes, splitting "
+                        "the threads among them (the batch is the global batch)")
     p.add_argument("--out", default="runs/bench_pretrain", help="folder for weights + results")
     args = p.parse_args()
     ensure_dataset()
@@ -84,22 +90,40 @@ def main() -> int:
     add_arguments(parser)
     for method in args.methods.split(","):
         t0 = time.time()
-        margs = parser.parse_args([
+        argv = [
             "--method", method, "--dataset", "fashion-mnist", "--arch", args.arch,
             "--epochs", "1000", "--batch-size", str(args.batch_size),
             "--image-size", str(args.image_size), "--minutes", str(args.minutes),
             "--knn-every", "0", "--no-progress", "--output", str(out / method / "trunk.pth"),
             *shlex.split(args.extra),
-        ])
-        rec = pretrain(margs)
+        ]
+        margs = parser.parse_args(argv)
+        if args.procs > 1:
+            rec = _pretrain_torchrun(argv, args.procs)
+        else:
+            rec = pretrain(margs)
         rec["wall_seconds"] = round(time.time() - t0, 1)
-        rec["args"] = vars(margs)  # the recipe as run, defaults resolved
+        rec["args"] = vars(margs)  # the recipe as run (defaults resolved unless --procs > 1)
         report(method, rec)
     print(f"budget {args.minutes} min/method, arch {args.arch}, batch {args.batch_size}, "
-          f"{args.image_size}px, {torch.get_num_threads()} threads; results in {out}")
+          f"{args.image_size}px, {torch.get_num_threads()} threads in {args.procs} "
+          f"process(es); results in {out}")
     plot(results, out / "results.png",
          f"Fashion-MNIST kNN top-1, {args.arch} trunk, {args.minutes:g} min per method")
     return 0
+
+
+def _pretrain_torchrun(argv: list[str], procs: int) -> dict:
+    """``torchrun -m ore pretrain ARGV``; its last metrics record (rank 0 ran the kNN)."""
+    threads = max(1, torch.get_num_threads() // procs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={procs}", "-m", "ore", "pretrain", *argv],
+                   env=env, check=True)
+    out = Path(argv[argv.index("--output") + 1])
+    rec = json.loads((out.parent / "metrics.jsonl").read_text().splitlines()[-1])
+    rec["processes"], rec["threads_per_process"] = procs, threads
+    return rec
 
 
 def plot(results: dict[str, dict], path: Path, title: str) -> None:

@@ -41,11 +41,10 @@ class PooledTrunk(nn.Module):
 
 class Method(nn.Module):
     """Base: ``forward(x1, x2, labels, index, small)`` → scalar loss. ``small`` holds
-    extra low-resolution crops [v·n, C, s, s] (view-major) for methods with
-    ``multi_crop = True``; they go through the trunk in their own pass."""
+    extra low-resolution crops [v·n, C, s, s] (view-major; SimCLR, SupCon and MoCo only),
+    which go through the trunk in their own pass."""
 
     needs_labels = False
-    multi_crop = False
 
     def __init__(self, trunk: nn.Module, channels: int):
         super().__init__()
@@ -85,13 +84,14 @@ def _no_small(method: Method, small) -> None:
 
 
 class SimCLR(Method):
-    def __init__(self, trunk, channels, *, temperature, hidden_dim, out_dim, head="mlp", **_):
+    def __init__(
+        self, trunk, channels, *, temperature, hidden_dim, out_dim, head="mlp",
+        gather_distributed=False, **_,
+    ):
         super().__init__(trunk, channels)
         self.projector, _ = _projector(head, channels, hidden_dim, out_dim)
-        self.loss = NTXentLoss(temperature)
-        self._multi_positive = SupConLoss(temperature)
-
-    multi_crop = True
+        self.loss = NTXentLoss(temperature, gather_distributed=gather_distributed)
+        self._multi_positive = SupConLoss(temperature, gather_distributed=gather_distributed)
 
     def forward(self, x1, x2, labels=None, index=None, small=None):
         n = x1.shape[0]
@@ -106,12 +106,13 @@ class SimCLR(Method):
 class SupCon(Method):
     needs_labels = True
 
-    def __init__(self, trunk, channels, *, temperature, hidden_dim, out_dim, head="mlp", **_):
+    def __init__(
+        self, trunk, channels, *, temperature, hidden_dim, out_dim, head="mlp",
+        gather_distributed=False, **_,
+    ):
         super().__init__(trunk, channels)
         self.projector, _ = _projector(head, channels, hidden_dim, out_dim)
-        self.loss = SupConLoss(temperature)
-
-    multi_crop = True
+        self.loss = SupConLoss(temperature, gather_distributed=gather_distributed)
 
     def forward(self, x1, x2, labels=None, index=None, small=None):
         n = x1.shape[0]
@@ -123,7 +124,7 @@ class SupCon(Method):
 class MoCoMethod(Method):
     def __init__(
         self, trunk, channels, *, temperature, hidden_dim, out_dim, queue_size, momentum,
-        head="mlp", **_,
+        head="mlp", gather_distributed=False, **_,
     ):
         super().__init__(trunk, channels)
         projector, dim = _projector(head, channels, hidden_dim, out_dim)
@@ -135,9 +136,8 @@ class MoCoMethod(Method):
             temperature=temperature,
             shuffle_bn_splits=2,
             symmetric=True,  # each view is once the query, as in MoCo v3 and CIFAR recipes
+            gather_distributed=gather_distributed,  # every process enqueues all keys
         )
-
-    multi_crop = True
 
     def forward(self, x1, x2, labels=None, index=None, small=None):
         return self.moco(x1, x2, small)
@@ -218,7 +218,9 @@ _CLASSES = {"simclr": SimCLR, "moco": MoCoMethod, "nnclr": NNCLR, "pcl": PCL, "s
 
 
 def build_method(name: str, trunk: nn.Module, channels: int, **kwargs) -> Method:
-    """Build one of :data:`METHODS` around ``trunk`` (keyword hyperparameters per method)."""
+    """Build one of :data:`METHODS` around ``trunk`` (keyword hyperparameters per method;
+    ``gather_distributed=True`` makes SimCLR's, SupCon's and MoCo's losses use the
+    features of every process)."""
     if name not in _CLASSES:
         raise ValueError(f"unknown method {name!r}; expected one of {METHODS}")
     return _CLASSES[name](trunk, channels, **kwargs)

@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 METHODS = ("simclr", "moco", "nnclr", "pcl", "supcon")
 ARCHS = ("resnet18", "resnet50", "tiny")
 DEFAULT_SIZE = 64  # training resolution
+# Methods whose losses gather features across processes (torchrun). NNCLR's support queue
+# and PCL's memory and k-means would need their own gathering.
+MULTI_PROCESS_METHODS = ("simclr", "moco", "supcon")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -255,9 +258,22 @@ def pretrain(args) -> dict:
     from ore.contrastive.augment import BatchAugment
     from ore.contrastive.knn import KNNMonitor
     from ore.contrastive.methods import build_method
+    from ore.engine import distributed as D
     from ore.modeling.backbone import build_trunk, trunk_out_channels
 
     _check_args(args)
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        raise OreError(f"--device {args.device!r}: {exc}") from None
+    dist_info = D.init_from_env(device)
+    device = D.process_device(device, dist_info)
+    if dist_info.distributed and args.method not in MULTI_PROCESS_METHODS:
+        raise OreError(f"--method {args.method} runs in one process only; several processes "
+                       f"(torchrun) work with {', '.join(MULTI_PROCESS_METHODS)}")
+    # --batch-size is the global batch; each process takes its share, and the losses
+    # gather the other processes' features so that every image sees the global batch.
+    local_batch = D.per_process_batch(args.batch_size, dist_info.world_size)
     torch.manual_seed(args.seed)
     train, test = _load_data(args)
     size = args.image_size or DEFAULT_SIZE
@@ -281,13 +297,19 @@ def pretrain(args) -> dict:
         num_samples=n,
         num_clusters=args.num_clusters,
         recluster_steps=args.pcl_recluster_steps or n // args.batch_size,
+        gather_distributed=dist_info.distributed,
     )
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # channels_last lets oneDNN pick faster convolution kernels on a CPU (~1.3x here).
         method = method.to(device=device, memory_format=torch.channels_last)
     except (RuntimeError, AssertionError) as exc:
         raise OreError(f"--device {args.device!r}: {exc}") from None
+    model = D.wrap_model(method, device, dist_info)  # DDP averages gradients over processes
+    # One data order for all processes; augmentations (the global stream) differ per process.
+    order = torch.Generator().manual_seed(args.seed)
+    if dist_info.distributed:
+        torch.manual_seed(args.seed + 1_000_003 * dist_info.rank)
+    main_process = dist_info.is_main
     prep = Preprocess(train.images, size)
     j = args.jitter
     augment = BatchAugment(size, scale=args.crop_scale, jitter=(j, j, j, j / 4),
@@ -306,7 +328,7 @@ def pretrain(args) -> dict:
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
 
     monitor = None
-    if train.labels is not None and test is not None:
+    if main_process and train.labels is not None and test is not None:
         lim = args.knn_limit
         monitor = KNNMonitor(
             train.images[:lim], train.labels[:lim], test.images[:lim], test.labels[:lim],
@@ -315,8 +337,9 @@ def pretrain(args) -> dict:
 
     output = Path(args.output)
     metrics_path = output.parent / "metrics.jsonl"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text("")
+    if main_process:  # only rank 0 writes files
+        output.parent.mkdir(parents=True, exist_ok=True)
+        metrics_path.write_text("")
     steps_per_epoch = n // args.batch_size
     total_steps = args.epochs * steps_per_epoch
     budget = args.minutes * 60 if args.minutes else None
@@ -324,8 +347,20 @@ def pretrain(args) -> dict:
     step = 0
     record: dict = {}
     records: list[dict] = []
-    log.info("pretraining %s/%s on %d images at %d px, %d steps/epoch, lr %.4g",
-             args.method, args.arch, n, size, steps_per_epoch, lr)
+    log.info("pretraining %s/%s on %d images at %d px, %d steps/epoch, lr %.4g%s",
+             args.method, args.arch, n, size, steps_per_epoch, lr,
+             f", {dist_info.world_size} processes" if dist_info.distributed else "")
+    t0 = time.perf_counter()
+
+    def elapsed() -> float:
+        """Training seconds so far, by rank 0's clock in every process: one learning rate
+        and one stopping step for all (DDP replicas must take the same steps)."""
+        t = train_time + time.perf_counter() - t0
+        if dist_info.distributed:
+            t_ = torch.tensor([t], dtype=torch.float64, device=device)
+            torch.distributed.broadcast(t_, 0)
+            t = float(t_)
+        return t
 
     def evaluate():
         method.eval()
@@ -336,19 +371,24 @@ def pretrain(args) -> dict:
 
     for epoch in range(args.epochs):
         method.train()
-        perm = torch.randperm(n)
+        perm = torch.randperm(n, generator=order)
         losses = []
         out_of_time = False
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}",
-                   disable=args.no_progress, leave=False)
+                   disable=args.no_progress or not main_process, leave=False)
         t0 = time.perf_counter()
         for it in bar:
             progress = step / total_steps
             if budget:
-                progress = max(progress, (train_time + time.perf_counter() - t0) / budget)
+                seconds = elapsed()
+                if seconds >= budget:
+                    out_of_time = True
+                    break
+                progress = max(progress, seconds / budget)
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(progress, lr)
-            idx = perm[it * args.batch_size : (it + 1) * args.batch_size]
+            start = it * args.batch_size + dist_info.rank * local_batch  # this process's share
+            idx = perm[start : start + local_batch]
             x = prep.to_unit(train.images[idx].to(device))
             # Both views in one call (independent draws per row): half the small ops.
             x1, x2 = prep.normalize(augment(torch.cat([x, x]))).chunk(2)
@@ -356,7 +396,7 @@ def pretrain(args) -> dict:
             if small_augment is not None:  # [V·n] view-major, one pass through the trunk
                 small = prep.normalize(small_augment(x.repeat(args.small_crops, 1, 1, 1)))
             labels = train.labels[idx].to(device) if train.labels is not None else None
-            loss = method(x1, x2, labels, idx.to(device), small)
+            loss = model(x1, x2, labels, idx.to(device), small)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"non-finite loss at epoch {epoch + 1} step {it}")
             optimizer.zero_grad(set_to_none=True)
@@ -367,18 +407,20 @@ def pretrain(args) -> dict:
             if it % 10 == 0:
                 cur_lr = optimizer.param_groups[0]["lr"]
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{cur_lr:.3g}")
-            if budget and train_time + time.perf_counter() - t0 >= budget:
-                out_of_time = True
-                break
         bar.close()
         train_time += time.perf_counter() - t0
         last = out_of_time or epoch + 1 == args.epochs
+        mean_loss = torch.tensor(sum(losses) / max(1, len(losses)), device=device)
         record = {
             "epoch": epoch + 1,
             "steps": step,
-            "loss": sum(losses) / max(1, len(losses)),
+            "loss": float(D.all_reduce_mean(mean_loss, dist_info)),  # over processes
             "train_seconds": round(train_time, 1),
         }
+        if not main_process:
+            if out_of_time:
+                break
+            continue
         if monitor is not None and (last or (args.knn_every and (epoch + 1) % args.knn_every == 0)):
             record.update(evaluate())
         records.append(record)
@@ -389,6 +431,8 @@ def pretrain(args) -> dict:
         if out_of_time:
             log.info("time budget of %.1f min used after %d steps", args.minutes, step)
             break
+    if not main_process:
+        return record
     save_trunk(method.trunk, output)
     curves = output.parent / "curves.png"
     plot_curves(records, curves, f"{args.method}, {args.arch} trunk, {size} px")
