@@ -27,6 +27,7 @@ DEFAULT_SIZE = 64  # training resolution
 # Methods whose losses gather features across processes (torchrun). NNCLR's support queue
 # and PCL's memory and k-means would need their own gathering.
 MULTI_PROCESS_METHODS = ("simclr", "moco", "supcon")
+MULTI_CROP_METHODS = ("simclr", "moco", "supcon")  # --small-crops
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -142,7 +143,7 @@ def _check_args(args) -> None:
         raise OreError(f"--small-crops must be ≥ 0, got {args.small_crops}")
     if args.small_size < 8:
         raise OreError(f"--small-size must be ≥ 8, got {args.small_size}")
-    if args.small_crops and args.method not in ("simclr", "moco", "supcon"):
+    if args.small_crops and args.method not in MULTI_CROP_METHODS:
         raise OreError(f"--small-crops: {args.method} has no multi-crop form; "
                        "use simclr, moco or supcon, or --small-crops 0")
     if not 0 <= args.jitter < 1:
@@ -351,6 +352,7 @@ def pretrain(args) -> dict:
              args.method, args.arch, n, size, steps_per_epoch, lr,
              f", {dist_info.world_size} processes" if dist_info.distributed else "")
     t0 = time.perf_counter()
+    seconds = 0.0  # elapsed() after the latest step
 
     def elapsed() -> float:
         """Training seconds so far, by rank 0's clock in every process: one learning rate
@@ -380,10 +382,6 @@ def pretrain(args) -> dict:
         for it in bar:
             progress = step / total_steps
             if budget:
-                seconds = elapsed()
-                if seconds >= budget:
-                    out_of_time = True
-                    break
                 progress = max(progress, seconds / budget)
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(progress, lr)
@@ -407,6 +405,11 @@ def pretrain(args) -> dict:
             if it % 10 == 0:
                 cur_lr = optimizer.param_groups[0]["lr"]
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{cur_lr:.3g}")
+            if budget:
+                seconds = elapsed()
+                if seconds >= budget:
+                    out_of_time = True
+                    break
         bar.close()
         train_time += time.perf_counter() - t0
         last = out_of_time or epoch + 1 == args.epochs
