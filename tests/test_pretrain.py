@@ -18,7 +18,13 @@ import torch.nn.functional as F
 
 from ore.cli import main as cli_main
 from ore.contrastive.data import fashion_mnist_available, load_fashion_mnist, read_idx
-from ore.contrastive.methods import DEFAULT_TEMPERATURE, HEADS, METHODS, build_method
+from ore.contrastive.methods import (
+    DEFAULT_HEAD,
+    DEFAULT_TEMPERATURE,
+    HEADS,
+    METHODS,
+    build_method,
+)
 from ore.contrastive.pretrain import add_arguments, pretrain
 from ore.errors import OreError
 from ore.modeling.backbone import (
@@ -91,8 +97,10 @@ def test_defaults_are_resolved_in_the_arguments(image_dir, tmp_path, method):
                  "--epochs", "1", "--batch-size", "4", "--image-size", "32",
                  "--output", str(tmp_path / "t.pth"), "--no-progress")
     assert args.temperature is None and args.crop_scale is None and args.queue_size is None
+    assert args.head is None
     pretrain(args)
     assert args.temperature == DEFAULT_TEMPERATURE[method]
+    assert args.head == DEFAULT_HEAD[method] == ("linear" if method == "moco" else "mlp")
     assert args.crop_scale == (0.2, 1.0)  # image folders' default
     # MoCo's queue holds the keys of the last 8 steps (2 × batch keys per step).
     assert args.queue_size == (16 * 4 if method == "moco" else 4096)

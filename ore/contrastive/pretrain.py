@@ -55,9 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--temperature", type=float, default=None,
                         help="default per method: pcl 0.2, the others 0.1")
-    parser.add_argument("--head", choices=("mlp", "linear", "none"), default="mlp",
+    parser.add_argument("--head", choices=("mlp", "linear", "none"), default=None,
                         help="projection head: the method's MLP, one linear layer, or none "
-                             "(the loss on the pooled trunk features themselves)")
+                             "(the loss on the pooled trunk features themselves); "
+                             "default moco linear, the others mlp")
     parser.add_argument("--out-dim", type=int, default=128, help="projection dimension")
     parser.add_argument("--hidden-dim", type=int, default=512, help="projection head width")
     parser.add_argument("--queue-size", type=int, default=None,
@@ -123,10 +124,12 @@ def _check_args(args) -> None:
         # steps, and at batch 64 and 128 lr 0.06 beat the scaled-down 0.015 and 0.03.
         base = 0.06 if args.optimizer == "sgd" else 1e-3
         args.lr = base * max(1.0, args.batch_size / 256)
-    if args.temperature is None:
-        from ore.contrastive.methods import DEFAULT_TEMPERATURE
+    from ore.contrastive.methods import DEFAULT_HEAD, DEFAULT_TEMPERATURE
 
+    if args.temperature is None:
         args.temperature = DEFAULT_TEMPERATURE[args.method]
+    if args.head is None:
+        args.head = DEFAULT_HEAD[args.method]
     try:
         args.num_clusters = tuple(int(k) for k in str(args.num_clusters).split(","))
     except ValueError:
