@@ -141,6 +141,8 @@ def test_global_batch_must_divide_among_processes():
     with pytest.raises(OreError, match="IMS_PER_BATCH=6 must be a multiple of the number "
                                        "of processes \\(4\\)"):
         ddp.per_process_batch(6, 4)
+    with pytest.raises(OreError, match="--batch-size=6 must be a multiple"):
+        ddp.per_process_batch(6, 4, "--batch-size")
 
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

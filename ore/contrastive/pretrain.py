@@ -147,8 +147,8 @@ def _check_args(args) -> None:
     if args.small_size < 8:
         raise OreError(f"--small-size must be ≥ 8, got {args.small_size}")
     if args.small_crops and args.method not in MULTI_CROP_METHODS:
-        raise OreError(f"--small-crops: {args.method} has no multi-crop form; "
-                       "use simclr, moco or supcon, or --small-crops 0")
+        raise OreError(f"--small-crops: {args.method} has no multi-crop form; use "
+                       f"{', '.join(MULTI_CROP_METHODS)}, or --small-crops 0")
     if not 0 <= args.jitter < 1:
         raise OreError(f"--jitter must be in [0, 1), got {args.jitter}")
     for name in ("blur_prob", "solarize_prob"):
@@ -277,7 +277,7 @@ def pretrain(args) -> dict:
                        f"(torchrun) work with {', '.join(MULTI_PROCESS_METHODS)}")
     # --batch-size is the global batch; each process takes its share, and the losses
     # gather the other processes' features so that every image sees the global batch.
-    local_batch = D.per_process_batch(args.batch_size, dist_info.world_size)
+    local_batch = D.per_process_batch(args.batch_size, dist_info.world_size, "--batch-size")
     torch.manual_seed(args.seed)
     train, test = _load_data(args)
     size = args.image_size or DEFAULT_SIZE
@@ -316,14 +316,12 @@ def pretrain(args) -> dict:
     main_process = dist_info.is_main
     prep = Preprocess(train.images, size)
     j = args.jitter
-    augment = BatchAugment(size, scale=args.crop_scale, jitter=(j, j, j, j / 4),
-                           jitter_prob=0.8 if j > 0 else 0.0, blur_prob=args.blur_prob,
-                           solarize_prob=args.solarize_prob)
+    photometric = dict(jitter=(j, j, j, j / 4), jitter_prob=0.8 if j > 0 else 0.0,
+                       blur_prob=args.blur_prob, solarize_prob=args.solarize_prob)
+    augment = BatchAugment(size, scale=args.crop_scale, **photometric)
     small_augment = None
-    if args.small_crops:
-        small_augment = BatchAugment(args.small_size, scale=args.small_crop_scale,
-                                     jitter=(j, j, j, j / 4), jitter_prob=0.8 if j > 0 else 0.0,
-                                     blur_prob=args.blur_prob, solarize_prob=args.solarize_prob)
+    if args.small_crops:  # the same photometric recipe on smaller, lower-resolution crops
+        small_augment = BatchAugment(args.small_size, scale=args.small_crop_scale, **photometric)
     params = [p for p in method.parameters() if p.requires_grad]
     lr = args.lr
     if args.optimizer == "sgd":

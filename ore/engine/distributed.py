@@ -94,11 +94,13 @@ def process_device(device: torch.device, info: DistInfo) -> torch.device:
     return device
 
 
-def per_process_batch(ims_per_batch: int, world_size: int) -> int:
-    """``SOLVER.IMS_PER_BATCH`` is the global batch; each process takes an equal share."""
+def per_process_batch(
+    ims_per_batch: int, world_size: int, name: str = "SOLVER.IMS_PER_BATCH"
+) -> int:
+    """The global batch (the setting ``name``); each process takes an equal share."""
     if ims_per_batch < world_size or ims_per_batch % world_size:
         raise OreError(
-            f"SOLVER.IMS_PER_BATCH={ims_per_batch} must be a multiple of the number of "
+            f"{name}={ims_per_batch} must be a multiple of the number of "
             f"processes ({world_size}): it is the batch over all processes"
         )
     return ims_per_batch // world_size
