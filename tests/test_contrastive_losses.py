@@ -64,24 +64,26 @@ def naive_npair(a, p, negs):
     return total / len(a)
 
 
-def naive_infonce(q, k, negs, t):
+def naive_infonce(q, k, negs, t, decoupled=False):
+    """decoupled: DCL, the positive left out of the denominator."""
     total = 0.0
     for i in range(len(q)):
         neg_i = negs if negs.ndim == 2 else negs[i]
         num = math.exp(cos(q[i], k[i]) / t)
-        den = num + sum(math.exp(cos(q[i], n) / t) for n in neg_i)
+        den = (0 if decoupled else num) + sum(math.exp(cos(q[i], n) / t) for n in neg_i)
         total += -math.log(num / den)
     return total / len(q)
 
 
-def naive_ntxent(z1, z2, t):
+def naive_ntxent(z1, z2, t, decoupled=False):
     z = torch.cat([z1, z2])
     n2 = len(z)
     n = n2 // 2
     total = 0.0
     for i in range(n2):
         j = (i + n) % n2
-        den = sum(math.exp(cos(z[i], z[k]) / t) for k in range(n2) if k != i)
+        skip = (i, j) if decoupled else (i,)
+        den = sum(math.exp(cos(z[i], z[k]) / t) for k in range(n2) if k not in skip)
         total += -math.log(math.exp(cos(z[i], z[j]) / t) / den)
     return total / n2
 
@@ -149,6 +151,15 @@ def test_infonce_matches_loop(shared):
     assert close(loss, naive_infonce(q, k, negs, 0.2), 1e-4)
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_decoupled_infonce_matches_loop(shared):
+    q, k = torch.randn(7, 8), torch.randn(7, 8)
+    negs = torch.randn(9, 8) if shared else torch.randn(7, 9, 8)
+    loss = InfoNCELoss(temperature=0.2, decoupled=True)(q, k, negs)
+    assert close(loss, naive_infonce(q, k, negs, 0.2, decoupled=True), 1e-4)
+    assert float(loss) < float(InfoNCELoss(temperature=0.2)(q, k, negs))  # smaller denominator
+
+
 def test_infonce_equal_similarities_give_log_of_keys():
     q = torch.ones(4, 3)
     assert close(InfoNCELoss(0.1)(q, q, torch.ones(9, 3)), math.log(10))
@@ -163,6 +174,27 @@ def test_ntxent_equal_similarities():
     n = 5
     z = torch.ones(n, 8)
     assert close(NTXentLoss(0.5)(z, z), -math.log(1 / (2 * n - 1)))
+    # DCL: the positive leaves the denominator, 2N − 2 equal terms remain.
+    assert close(NTXentLoss(0.5, decoupled=True)(z, z), math.log(2 * n - 2))
+
+
+def test_decoupled_ntxent_matches_loop():
+    z1, z2 = torch.randn(6, 5), torch.randn(6, 5)
+    loss = NTXentLoss(temperature=0.3, decoupled=True)(z1, z2)
+    assert close(loss, naive_ntxent(z1, z2, 0.3, decoupled=True), 1e-4)
+
+
+def test_decoupled_ntxent_gradient_is_not_scaled_down_by_an_easy_positive():
+    # NT-Xent's gradient on a negative carries the factor (1 − p_pos) (DCL's "coupling"):
+    # with a near-certain positive it vanishes, while DCL's stays at the negatives' softmax.
+    z1 = torch.eye(4, 6)
+    z2 = (z1 + 0.3 * torch.eye(4, 6).roll(1, dims=1)).requires_grad_()
+    grads = {}
+    for decoupled in (False, True):
+        z = z2.detach().clone().requires_grad_()
+        NTXentLoss(0.05, decoupled=decoupled)(z1, z).backward()
+        grads[decoupled] = z.grad.norm()
+    assert float(grads[True]) > 10 * float(grads[False])
 
 
 def test_ntxent_perfect_alignment_goes_to_zero_at_low_temperature():
@@ -274,6 +306,17 @@ def test_moco_matches_loop_and_enqueues_keys():
     assert all(p.grad is None for p in moco.encoder_k.parameters())
 
 
+def test_moco_decoupled_leaves_the_positive_out_of_the_denominator():
+    torch.manual_seed(1)
+    enc = nn.Linear(6, 4)
+    moco = MoCo(enc, 4, queue_size=10, momentum=0.9, temperature=0.2, decoupled=True)
+    queue_before = moco.queue.get().clone()
+    x_q, x_k = torch.randn(3, 6), torch.randn(3, 6)
+    loss = moco(x_q, x_k)
+    q, k = enc(x_q).detach(), moco.encoder_k(x_k).detach()
+    assert close(loss, naive_infonce(q, k, queue_before, 0.2, decoupled=True), 1e-4)
+
+
 def test_moco_symmetric_scores_both_views_against_the_queue_before_enqueueing():
     torch.manual_seed(2)
     enc = nn.Linear(6, 4)
@@ -378,6 +421,10 @@ GRADCHECK_CASES = {
     "npair": lambda: (NPairLoss(), (_double(3, 3), _double(3, 3), _double(3, 2, 3))),
     "infonce": lambda: (InfoNCELoss(0.5), (_double(3, 4), _double(3, 4), _double(5, 4))),
     "ntxent": lambda: (NTXentLoss(0.5), (_double(3, 4), _double(3, 4))),
+    "ntxent_decoupled": lambda: (NTXentLoss(0.5, decoupled=True), (_double(3, 4), _double(3, 4))),
+    "infonce_decoupled": lambda: (
+        InfoNCELoss(0.5, decoupled=True), (_double(3, 4), _double(3, 4), _double(5, 4))
+    ),
     "supcon": lambda: (SupConLoss(0.5), (_double(4, 2, 3), torch.tensor([0, 1, 0, 1]))),
     "nnclr": lambda: (_nnclr_with_support(), (_double(3, 4), _double(3, 4))),
     "bilinear": lambda: (BilinearInfoNCELoss(3).double(), (_double(3, 3), _double(3, 3))),
@@ -401,6 +448,8 @@ def _low_t_cases(n=64, d=32):
     return {
         "infonce": (InfoNCELoss(0.01), (q, k, torch.randn(256, d))),
         "ntxent": (NTXentLoss(0.01), (q, k)),
+        "ntxent_decoupled": (NTXentLoss(0.01, decoupled=True), (q, k)),
+        "infonce_decoupled": (InfoNCELoss(0.01, decoupled=True), (q, k, torch.randn(256, d))),
         "supcon": (SupConLoss(0.01), (torch.stack([q, k], 1), torch.randint(4, (n,)))),
         "nnclr": (NNCLRLoss(0.01, queue_size=128), (q, k)),
         "clip": (CLIPLoss(0.01), (q, k)),

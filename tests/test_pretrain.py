@@ -59,7 +59,8 @@ def image_dir(tmp_path):
 
 
 @pytest.mark.parametrize("method,optimizer,extra", [
-    ("simclr", "sgd", []), ("moco", "adamw", ["--small-crops", "2", "--small-size", "16"]),
+    ("simclr", "sgd", []),
+    ("moco", "adamw", ["--small-crops", "2", "--small-size", "16", "--decoupled"]),
 ])
 def test_pretrain_writes_trunk_the_detector_loads(image_dir, tmp_path, method, optimizer, extra):
     out = tmp_path / "w" / "trunk.pth"
@@ -245,6 +246,12 @@ def test_missing_dataset_and_bad_arguments_are_ore_errors(tmp_path, image_dir):
         with pytest.raises(OreError, match=message):
             pretrain(_args("--method", "simclr", "--images", str(image_dir), flag, value,
                            "--output", str(tmp_path / "o.pth")))
+    with pytest.raises(OreError, match="--decoupled: pcl has no decoupled loss"):
+        pretrain(_args("--method", "pcl", "--images", str(image_dir), "--decoupled",
+                       "--output", str(tmp_path / "o.pth")))
+    with pytest.raises(OreError, match="--decoupled with --small-crops"):
+        pretrain(_args("--method", "simclr", "--images", str(image_dir), "--decoupled",
+                       "--small-crops", "2", "--output", str(tmp_path / "o.pth")))
     with pytest.raises(OreError, match="nnclr has no multi-crop form"):
         pretrain(_args("--method", "nnclr", "--images", str(image_dir), "--small-crops", "2",
                        "--output", str(tmp_path / "o.pth")))

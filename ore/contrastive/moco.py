@@ -38,6 +38,9 @@ class MoCo(nn.Module):
     Each is scored against every key of its image, and only the two views' keys are
     enqueued; the loss is the mean over all (query, key) pairs.
 
+    ``decoupled=True`` drops the positive from each denominator (DCL; see
+    :func:`~ore.contrastive.infonce.info_nce`).
+
     Attributes:
         encoder_q: f_q, mapping images to [n, dim] (trunk + projection head).
         encoder_k: f_k, a deep copy of f_q updated only by momentum.
@@ -61,6 +64,7 @@ class MoCo(nn.Module):
         shuffle_bn_splits: int = 1,
         symmetric: bool = False,
         gather_distributed: bool = False,
+        decoupled: bool = False,
     ):
         super().__init__()
         if not 0.0 <= momentum <= 1.0:
@@ -72,6 +76,7 @@ class MoCo(nn.Module):
         self.shuffle_bn_splits = shuffle_bn_splits
         self.symmetric = bool(symmetric)
         self.gather_distributed = gather_distributed
+        self.decoupled = bool(decoupled)
         self.encoder_q = encoder_q
         self.encoder_k = copy.deepcopy(encoder_q)
         for p in self.encoder_k.parameters():
@@ -113,7 +118,8 @@ class MoCo(nn.Module):
             k_all = torch.cat([k, k.view(nk, 1, n, d).expand(nk, v, n, d).reshape(-1, d)])
         negatives = self.queue.get().clone()  # [K, dim]; enqueue below writes in place
         with torch.autocast(device_type=q.device.type, enabled=False):
-            loss = info_nce(q_all.float(), k_all.float(), negatives.float(), self.T).mean()
+            loss = info_nce(q_all.float(), k_all.float(), negatives.float(), self.T,
+                            decoupled=self.decoupled).mean()
         if self.training:
             self.queue.enqueue(all_gather_no_grad(k) if self.gather_distributed else k)
         return loss

@@ -19,6 +19,11 @@ class NTXentLoss(nn.Module):
 
     with sim the cosine similarity. Equal similarities give L = −log(1/(2N − 1)).
 
+    ``decoupled=True`` is DCL (Yeh et al., ECCV 2022): the positive leaves the denominator,
+    ℓ(i, j) = −sim(z_i, z_j)/τ + log Σ_{k ∉ {i, j}} exp(sim(z_i, z_k)/τ), so an easy
+    positive no longer shrinks the gradient of the negatives (the "negative-positive
+    coupling" that makes small batches learn slowly). Equal similarities give log(2N − 2).
+
     With ``gather_distributed=True`` the keys are gathered from every process (gradients
     kept), so each anchor sees the 2·N·world − 2 negatives of the global batch; the loss
     is the mean over this process's anchors.
@@ -26,16 +31,21 @@ class NTXentLoss(nn.Module):
     Attributes:
         temperature: τ.
         gather_distributed: use negatives from all processes.
+        decoupled: DCL's denominator without the positive.
 
     Examples:
         >>> z1, z2 = torch.randn(8, 128), torch.randn(8, 128)
         >>> loss = NTXentLoss(temperature=0.5)(z1, z2)
     """
 
-    def __init__(self, temperature: float = 0.5, gather_distributed: bool = False):
+    def __init__(
+        self, temperature: float = 0.5, gather_distributed: bool = False, *,
+        decoupled: bool = False,
+    ):
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.gather_distributed = gather_distributed
+        self.decoupled = bool(decoupled)
 
     @fp32_loss
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
@@ -60,4 +70,8 @@ class NTXentLoss(nn.Module):
         # The self-pair gets −inf: exp(−inf) = 0 in the sum and a zero gradient. In place is
         # safe: the matmul's backward needs its inputs, not its output.
         logits[rows, self_idx] = float("-inf")
+        if self.decoupled:
+            pos = logits[rows, pos_idx]  # gathered (a copy) before the mask below
+            logits[rows, pos_idx] = float("-inf")
+            return (torch.logsumexp(logits, dim=1) - pos).mean()
         return F.cross_entropy(logits, pos_idx)  # fused, max-shifted log-softmax

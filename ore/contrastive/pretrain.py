@@ -28,6 +28,7 @@ DEFAULT_SIZE = 64  # training resolution
 # and PCL's memory and k-means would need their own gathering.
 MULTI_PROCESS_METHODS = ("simclr", "moco", "supcon")
 MULTI_CROP_METHODS = ("simclr", "moco", "supcon")  # --small-crops
+DECOUPLED_METHODS = ("simclr", "moco")  # --decoupled
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="projection head: the method's MLP, one linear layer, or none "
                              "(the loss on the pooled trunk features themselves); "
                              "default moco linear, the others mlp")
+    parser.add_argument("--decoupled", action="store_true",
+                        help="simclr, moco: DCL's loss, without the positive in the "
+                             "denominator (Yeh et al., 2022)")
     parser.add_argument("--out-dim", type=int, default=128, help="projection dimension")
     parser.add_argument("--hidden-dim", type=int, default=512, help="projection head width")
     parser.add_argument("--queue-size", type=int, default=None,
@@ -149,6 +153,12 @@ def _check_args(args) -> None:
     if args.small_crops and args.method not in MULTI_CROP_METHODS:
         raise OreError(f"--small-crops: {args.method} has no multi-crop form; use "
                        f"{', '.join(MULTI_CROP_METHODS)}, or --small-crops 0")
+    if args.decoupled and args.method not in DECOUPLED_METHODS:
+        raise OreError(f"--decoupled: {args.method} has no decoupled loss; use "
+                       f"{', '.join(DECOUPLED_METHODS)}")
+    if args.decoupled and args.small_crops and args.method == "simclr":
+        raise OreError("--decoupled with --small-crops: SimCLR's multi-crop loss has no "
+                       "decoupled form; drop one of them")
     if not 0 <= args.jitter < 1:
         raise OreError(f"--jitter must be in [0, 1), got {args.jitter}")
     for name in ("blur_prob", "solarize_prob"):
@@ -302,6 +312,7 @@ def pretrain(args) -> dict:
         num_clusters=args.num_clusters,
         recluster_steps=args.pcl_recluster_steps or n // args.batch_size,
         gather_distributed=dist_info.distributed,
+        decoupled=args.decoupled,
     )
     try:
         # channels_last lets oneDNN pick faster convolution kernels on a CPU (~1.3x here).
