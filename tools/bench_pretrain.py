@@ -54,8 +54,9 @@ def main() -> int:
                    help="64 scored best on a 15-minute CPU budget; 256 is the GPU recipe")
     p.add_argument("--image-size", type=int, default=DEFAULT_SIZE)
     p.add_argument("--extra", default="", help="more `ore pretrain` flags for every method, "
-                   "e.g. \"--jitter 0.4 --solarize-prob 0 --pcl-recluster-steps 50\"; "
-                   "the augmentation and optimiser are `ore pretrain`'s defaults otherwise")
+                   "e.g. \"--jitter 0.4 --solarize-prob 0 --pcl-recluster-steps 50\"; a single "
+                   "flag needs the = form, --extra=--decoupled; the augmentation and "
+                   "optimiser are `ore pretrain`'s defaults otherwise")
     p.add_argument("--procs", type=int, default=1,
                    help="train each method with torchrun in this many processes, splitting "
                         "the threads among them (the batch is the global batch)")
