@@ -25,7 +25,7 @@ from ore.contrastive.methods import (
     METHODS,
     build_method,
 )
-from ore.contrastive.pretrain import add_arguments, pretrain
+from ore.contrastive.pretrain import _channels_last, add_arguments, pretrain
 from ore.errors import OreError
 from ore.modeling.backbone import (
     build_fpn_backbone,
@@ -216,6 +216,25 @@ def test_empty_image_folder_is_an_ore_error(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no images" in err and err.count("\n") == 1
+
+
+def test_channels_last_keeps_narrow_convolutions_nchw_without_changing_outputs():
+    torch.manual_seed(0)
+    trunk = build_trunk("tiny").eval()
+    x = torch.randn(2, 3, 32, 32)
+    ref = trunk(x)
+    seen = {}
+    for name in ("stem", "layer1"):
+        getattr(trunk, name).register_forward_hook(lambda m, i, o, k=name: seen.update({k: o}))
+    _channels_last(trunk)
+    cl = torch.channels_last
+    assert trunk.stem[0].weight.is_contiguous()  # 12 output channels: NCHW
+    assert trunk.layer1[0].weight.is_contiguous(memory_format=cl)
+    assert not trunk.layer1[0].weight.is_contiguous()
+    out = trunk(x)
+    assert seen["stem"].is_contiguous()  # so the stem's batch norm ran NCHW
+    assert seen["layer1"].is_contiguous(memory_format=cl) and not seen["layer1"].is_contiguous()
+    assert torch.allclose(out, ref, atol=1e-5)
 
 
 def test_missing_dataset_and_bad_arguments_are_ore_errors(tmp_path, image_dir):

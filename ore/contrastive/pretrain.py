@@ -210,7 +210,7 @@ class Preprocess:
         x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        return x.contiguous(memory_format=self.torch.channels_last)
+        return x.contiguous()  # NCHW: see _channels_last
 
     def eval_view(self, x):
         import torch.nn.functional as F
@@ -220,6 +220,22 @@ class Preprocess:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
                               align_corners=False, antialias=True)
         return self.normalize(x)
+
+
+def _channels_last(model):
+    """Put the convolutions in channels_last, where oneDNN has faster CPU kernels, except
+    those with fewer than 16 output channels, such as the tiny trunk's 12-channel stem:
+    a channels_last batch norm over 12 channels runs ~4.5× slower than an NCHW one here
+    (fwd+bwd 30 against 6.4 ms at 128×12×32×32), +6% SimCLR and MoCo steps per minute.
+    An NCHW input and weight keep the stem's output, and so its batch norm, NCHW; the next
+    convolution's channels_last weight switches the rest over."""
+    import torch
+
+    model.to(memory_format=torch.channels_last)
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Conv2d) and mod.out_channels < 16:
+            mod.weight.data = mod.weight.data.contiguous()
+    return model
 
 
 def _lr_at(progress: float, base_lr: float, warmup: float = 0.02) -> float:
@@ -315,8 +331,7 @@ def pretrain(args) -> dict:
         decoupled=args.decoupled,
     )
     try:
-        # channels_last lets oneDNN pick faster convolution kernels on a CPU (~1.3x here).
-        method = method.to(device=device, memory_format=torch.channels_last)
+        method = _channels_last(method.to(device=device))
     except (RuntimeError, AssertionError) as exc:
         raise OreError(f"--device {args.device!r}: {exc}") from None
     model = D.wrap_model(method, device, dist_info)  # DDP averages gradients over processes
