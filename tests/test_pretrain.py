@@ -173,6 +173,10 @@ def test_simclr_and_supcon_multi_crop_treat_every_crop_of_an_image_as_a_positive
     nnclr = build_method("nnclr", build_trunk("tiny"), trunk_out_channels("tiny"), **kw)
     with pytest.raises(ValueError, match="multi-crop"):
         nnclr(x1, x2, labels, torch.arange(n), small)
+    dcl = build_method("simclr", build_trunk("tiny"), trunk_out_channels("tiny"),
+                       decoupled=True, **kw)
+    with pytest.raises(ValueError, match="no decoupled form"):
+        dcl(x1, x2, labels, torch.arange(n), small)
 
 
 def _torchrun_pretrain(args: list[str], cwd) -> subprocess.CompletedProcess:

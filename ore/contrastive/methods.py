@@ -96,7 +96,6 @@ class SimCLR(Method):
         self.loss = NTXentLoss(
             temperature, gather_distributed=gather_distributed, decoupled=decoupled
         )
-        self.decoupled = decoupled
         self._multi_positive = SupConLoss(temperature, gather_distributed=gather_distributed)
 
     def forward(self, x1, x2, labels=None, index=None, small=None):
@@ -104,7 +103,7 @@ class SimCLR(Method):
         z = self.projector(self.encoder(torch.cat([x1, x2])))  # one pass: shared BN stats
         if small is None:
             return self.loss(z[:n], z[n:])
-        if self.decoupled:
+        if self.loss.decoupled:
             raise ValueError("SimCLR's multi-crop loss has no decoupled form")
         # Multi-crop: every crop of an image is a positive of every other (NT-Xent with
         # several positives, i.e. SupCon with each image its own class).
