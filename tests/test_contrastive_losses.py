@@ -75,6 +75,34 @@ def naive_infonce(q, k, negs, t, decoupled=False):
     return total / len(q)
 
 
+def naive_debiased(pos_sim, neg_sims, t, tau_plus):
+    """Chuang et al. (2020), eq. 5: one anchor's debiased loss from cosine similarities."""
+    p = math.exp(pos_sim / t)
+    m = len(neg_sims)
+    g = max((sum(math.exp(s / t) for s in neg_sims) - tau_plus * m * p) / (1 - tau_plus),
+            m * math.exp(-1 / t))
+    return -math.log(p / (p + g))
+
+
+def naive_debiased_infonce(q, k, negs, t, tau_plus):
+    total = 0.0
+    for i in range(len(q)):
+        neg_i = negs if negs.ndim == 2 else negs[i]
+        total += naive_debiased(cos(q[i], k[i]), [cos(q[i], n) for n in neg_i], t, tau_plus)
+    return total / len(q)
+
+
+def naive_debiased_ntxent(z1, z2, t, tau_plus):
+    z = torch.cat([z1, z2])
+    n2 = len(z)
+    total = 0.0
+    for i in range(n2):
+        j = (i + n2 // 2) % n2
+        negs = [cos(z[i], z[k]) for k in range(n2) if k not in (i, j)]
+        total += naive_debiased(cos(z[i], z[j]), negs, t, tau_plus)
+    return total / n2
+
+
 def naive_ntxent(z1, z2, t, decoupled=False):
     z = torch.cat([z1, z2])
     n2 = len(z)
@@ -197,6 +225,61 @@ def test_decoupled_ntxent_gradient_is_not_scaled_down_by_an_easy_positive():
     assert float(grads[True]) > 10 * float(grads[False])
 
 
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("tau_plus", [0.05, 0.3])
+def test_debiased_infonce_matches_loop(shared, tau_plus):
+    q = torch.randn(7, 8)
+    k = q + 0.5 * torch.randn(7, 8)  # near positives: some rows hit the floor at τ⁺ = 0.3
+    negs = torch.randn(9, 8) if shared else torch.randn(7, 9, 8)
+    loss = InfoNCELoss(temperature=0.5, debiased=tau_plus)(q, k, negs)
+    assert close(loss, naive_debiased_infonce(q, k, negs, 0.5, tau_plus), 1e-4)
+
+
+def test_debiased_ntxent_matches_loop_in_both_regimes():
+    z1 = torch.randn(6, 5)
+    z2 = z1 + 0.4 * torch.randn(6, 5)
+    for t, tau_plus in ((0.5, 0.1), (0.2, 0.3)):
+        loss = NTXentLoss(temperature=t, debiased=tau_plus)(z1, z2)
+        assert close(loss, naive_debiased_ntxent(z1, z2, t, tau_plus), 1e-4)
+    # In the first setting the floor binds for some anchors and not for others, so both
+    # branches of the max are checked above (in the second it binds for all).
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    sims = z @ z.T / 0.5
+    pos = sims[torch.arange(12), (torch.arange(12) + 6) % 12]
+    neg_sum = sims.exp().sum(1) - sims.diag().exp() - pos.exp()
+    floored = (neg_sum - 0.1 * 10 * pos.exp()) / 0.9 < 10 * math.exp(-1 / 0.5)
+    assert 0 < int(floored.sum()) < 12
+
+
+def test_debiased_analytic_values():
+    n, t = 5, 0.5
+    # Equal similarities: the estimate equals the plain sum, so the loss is log(2N − 1).
+    z = torch.ones(n, 8)
+    assert close(NTXentLoss(t, debiased=0.1)(z, z), math.log(2 * n - 1))
+    # Orthogonal images, identical views (positive cos 1, negatives cos 0): the estimate is
+    # g = (M − 0.1·M·e^{1/τ})/0.9 with M = 2N − 2 when that exceeds the floor M·e^{−1/τ}
+    # (τ = 0.5), and the floor when the estimate is negative (τ = 0.2).
+    m, z = 2 * n - 2, torch.eye(n)
+    g = (m - 0.1 * m * math.exp(1 / t)) / 0.9
+    assert g > m * math.exp(-1 / t)
+    assert close(NTXentLoss(t, debiased=0.1)(z, z), math.log1p(g / math.exp(1 / t)))
+    floor = math.log1p(m * math.exp(-1 / 0.2) / math.exp(1 / 0.2))
+    assert close(NTXentLoss(0.2, debiased=0.1)(z, z), floor, 1e-9)
+    # τ⁺ = 0 is the plain loss.
+    z1, z2 = torch.randn(6, 5), torch.randn(6, 5)
+    assert close(NTXentLoss(0.3, debiased=0.0)(z1, z2), NTXentLoss(0.3)(z1, z2))
+
+
+def test_debiased_rejects_bad_tau_plus_and_decoupled_together():
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="debiased"):
+            NTXentLoss(0.1, debiased=bad)
+    with pytest.raises(ValueError, match="choose one"):
+        NTXentLoss(0.1, decoupled=True, debiased=0.1)
+    with pytest.raises(ValueError, match="choose one"):
+        InfoNCELoss(0.1, decoupled=True, debiased=0.1)
+
+
 def test_ntxent_perfect_alignment_goes_to_zero_at_low_temperature():
     # Orthogonal images, identical views: positives at cos 1, negatives at 0.
     z = torch.eye(4)
@@ -317,6 +400,17 @@ def test_moco_decoupled_leaves_the_positive_out_of_the_denominator():
     assert close(loss, naive_infonce(q, k, queue_before, 0.2, decoupled=True), 1e-4)
 
 
+def test_moco_debiased_matches_loop():
+    torch.manual_seed(1)
+    enc = nn.Linear(6, 4)
+    moco = MoCo(enc, 4, queue_size=10, momentum=0.9, temperature=0.5, debiased=0.1)
+    queue_before = moco.queue.get().clone()
+    x_q, x_k = torch.randn(3, 6), torch.randn(3, 6)
+    loss = moco(x_q, x_k)
+    q, k = enc(x_q).detach(), moco.encoder_k(x_k).detach()
+    assert close(loss, naive_debiased_infonce(q, k, queue_before, 0.5, 0.1), 1e-4)
+
+
 def test_moco_symmetric_scores_both_views_against_the_queue_before_enqueueing():
     torch.manual_seed(2)
     enc = nn.Linear(6, 4)
@@ -425,6 +519,10 @@ GRADCHECK_CASES = {
     "infonce_decoupled": lambda: (
         InfoNCELoss(0.5, decoupled=True), (_double(3, 4), _double(3, 4), _double(5, 4))
     ),
+    "ntxent_debiased": lambda: (NTXentLoss(0.5, debiased=0.1), (_double(3, 4), _double(3, 4))),
+    "infonce_debiased": lambda: (
+        InfoNCELoss(0.5, debiased=0.1), (_double(3, 4), _double(3, 4), _double(5, 4))
+    ),
     "supcon": lambda: (SupConLoss(0.5), (_double(4, 2, 3), torch.tensor([0, 1, 0, 1]))),
     "nnclr": lambda: (_nnclr_with_support(), (_double(3, 4), _double(3, 4))),
     "bilinear": lambda: (BilinearInfoNCELoss(3).double(), (_double(3, 3), _double(3, 3))),
@@ -450,6 +548,8 @@ def _low_t_cases(n=64, d=32):
         "ntxent": (NTXentLoss(0.01), (q, k)),
         "ntxent_decoupled": (NTXentLoss(0.01, decoupled=True), (q, k)),
         "infonce_decoupled": (InfoNCELoss(0.01, decoupled=True), (q, k, torch.randn(256, d))),
+        "ntxent_debiased": (NTXentLoss(0.01, debiased=0.1), (q, k)),
+        "infonce_debiased": (InfoNCELoss(0.01, debiased=0.1), (q, k, torch.randn(256, d))),
         "supcon": (SupConLoss(0.01), (torch.stack([q, k], 1), torch.randint(4, (n,)))),
         "nnclr": (NNCLRLoss(0.01, queue_size=128), (q, k)),
         "clip": (CLIPLoss(0.01), (q, k)),

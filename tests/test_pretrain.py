@@ -59,7 +59,7 @@ def image_dir(tmp_path):
 
 
 @pytest.mark.parametrize("method,optimizer,extra", [
-    ("simclr", "sgd", []),
+    ("simclr", "sgd", ["--debiased", "0.1"]),
     ("moco", "adamw", ["--small-crops", "2", "--small-size", "16", "--decoupled"]),
 ])
 def test_pretrain_writes_trunk_the_detector_loads(image_dir, tmp_path, method, optimizer, extra):
@@ -274,6 +274,18 @@ def test_missing_dataset_and_bad_arguments_are_ore_errors(tmp_path, image_dir):
                        "--output", str(tmp_path / "o.pth")))
     with pytest.raises(OreError, match="--decoupled with --small-crops"):
         pretrain(_args("--method", "simclr", "--images", str(image_dir), "--decoupled",
+                       "--small-crops", "2", "--output", str(tmp_path / "o.pth")))
+    with pytest.raises(OreError, match="--debiased: nnclr has no debiased loss"):
+        pretrain(_args("--method", "nnclr", "--images", str(image_dir), "--debiased", "0.1",
+                       "--output", str(tmp_path / "o.pth")))
+    with pytest.raises(OreError, match="--debiased must be in"):
+        pretrain(_args("--method", "simclr", "--images", str(image_dir), "--debiased", "1",
+                       "--output", str(tmp_path / "o.pth")))
+    with pytest.raises(OreError, match="--debiased with --decoupled"):
+        pretrain(_args("--method", "moco", "--images", str(image_dir), "--debiased", "0.1",
+                       "--decoupled", "--output", str(tmp_path / "o.pth")))
+    with pytest.raises(OreError, match="--debiased with --small-crops"):
+        pretrain(_args("--method", "simclr", "--images", str(image_dir), "--debiased", "0.1",
                        "--small-crops", "2", "--output", str(tmp_path / "o.pth")))
     with pytest.raises(OreError, match="nnclr has no multi-crop form"):
         pretrain(_args("--method", "nnclr", "--images", str(image_dir), "--small-crops", "2",

@@ -25,6 +25,15 @@ def check_margin(margin: float) -> float:
     return m
 
 
+def check_tau_plus(tau_plus: float) -> float:
+    """τ⁺ of the debiased contrastive loss: the prior probability that a negative shares
+    the anchor's class; 0 turns the correction off."""
+    t = float(tau_plus)
+    if not 0.0 <= t < 1.0:
+        raise ValueError(f"debiased (τ⁺) must be in [0, 1), got {tau_plus}")
+    return t
+
+
 def fp32_loss(forward):
     """Run a loss's forward with autocast off and half-precision inputs cast to fp32.
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ore.contrastive._checks import check_temperature, fp32_loss
+from ore.contrastive._checks import check_tau_plus, check_temperature, fp32_loss
 
 
 def info_nce(
@@ -16,6 +18,7 @@ def info_nce(
     temperature: float,
     *,
     decoupled: bool = False,
+    debiased: float = 0.0,
 ) -> torch.Tensor:
     """Per-query InfoNCE [N] on already-normalised (or raw) vectors.
 
@@ -25,7 +28,10 @@ def info_nce(
     ``decoupled=True`` drops the positive from the denominator (DCL, Yeh et al., ECCV
     2022): ℓ_i = logsumexp_m(q_i·k⁻_m/τ) − q_i·k⁺_i/τ. Then an easy positive no longer
     scales down the gradient of its negatives, which matters most for small batches.
+    ``debiased=τ⁺ > 0`` is the debiased loss (:func:`debiased_nce`).
     """
+    if decoupled and debiased:
+        raise ValueError("decoupled and debiased are two different denominators; choose one")
     if negatives.ndim not in (2, 3):
         raise ValueError(f"negatives must be [M, D] or [N, M, D], got {tuple(negatives.shape)}")
     query = query * (1.0 / temperature)  # scale [N, D] once instead of the [N, 1 + M] logits
@@ -36,9 +42,46 @@ def info_nce(
         neg = torch.einsum("nd,nmd->nm", query, negatives)
     if decoupled:
         return torch.logsumexp(neg, dim=1) - pos[:, 0]
+    if debiased:
+        return debiased_nce(pos[:, 0], neg, debiased, temperature)
     logits = torch.cat([pos, neg], dim=1)  # [N, 1 + M]
     target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     return F.cross_entropy(logits, target, reduction="none")
+
+
+def debiased_nce(
+    pos: torch.Tensor, neg: torch.Tensor, tau_plus: float, temperature: float
+) -> torch.Tensor:
+    """Per-anchor debiased contrastive loss [N] (Chuang et al., NeurIPS 2020) from logits
+    that are already divided by τ: ``pos`` [N] and ``neg`` [N, M], where −inf marks a
+    column that is not a negative of its row.
+
+    With a class prior τ⁺, a fraction τ⁺ of the M "negatives" share the anchor's class.
+    Their expected share of Σ exp(neg) is estimated from the positive and subtracted:
+
+        g = max( (Σ_m exp(neg_m) − τ⁺·M·exp(pos)) / (1 − τ⁺),  M·exp(−1/τ) )
+        ℓ = −log( exp(pos) / (exp(pos) + g) )
+
+    (M counted per row; exp(−1/τ) is the smallest value exp(sim/τ) can take). Computed in
+    log space, so τ = 0.01 neither overflows nor divides 0 by 0. τ⁺ = 0 is the plain
+    InfoNCE loss whenever the floor does not bind.
+    """
+    tau_plus = check_tau_plus(tau_plus)
+    count = torch.isfinite(neg).sum(dim=1).clamp_min(1).to(neg.dtype)  # M per row
+    lse = torch.logsumexp(neg, dim=1)  # log Σ exp(neg)
+    floor = count.log() - 1.0 / temperature  # log(M·exp(−1/τ))
+    if tau_plus > 0:
+        # log(e^lse − e^b) = lse + log(−expm1(b − lse)) where b = log(τ⁺M) + pos < lse;
+        # otherwise the estimate is ≤ 0 and the floor applies. d is kept away from 0 in
+        # the unused branch so that its gradient (multiplied by 0) stays finite.
+        d = math.log(tau_plus) + count.log() + pos - lse
+        ok = d < -1e-6
+        est = lse + torch.log(-torch.expm1(torch.where(ok, d, torch.full_like(d, -1.0))))
+        est = torch.where(ok, est - math.log1p(-tau_plus), torch.full_like(est, -math.inf))
+    else:
+        est = lse
+    log_g = torch.maximum(est, floor)
+    return F.softplus(log_g - pos)  # log(1 + g/exp(pos))
 
 
 class InfoNCELoss(nn.Module):
@@ -53,6 +96,7 @@ class InfoNCELoss(nn.Module):
         temperature: τ.
         normalize: L2-normalise query and keys first.
         decoupled: leave the positive out of the denominator (DCL, see :func:`info_nce`).
+        debiased: τ⁺ of the debiased loss (:func:`debiased_nce`; 0: off).
 
     Examples:
         >>> q, k = torch.randn(8, 16), torch.randn(8, 16)
@@ -60,11 +104,15 @@ class InfoNCELoss(nn.Module):
     """
 
     def __init__(self, temperature: float = 0.1, normalize: bool = True, *,
-                 decoupled: bool = False):
+                 decoupled: bool = False, debiased: float = 0.0):
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.normalize = normalize
         self.decoupled = bool(decoupled)
+        self.debiased = check_tau_plus(debiased)
+        if self.decoupled and self.debiased:
+            raise ValueError("decoupled and debiased are two different denominators; "
+                             "choose one")
 
     @fp32_loss
     def forward(
@@ -79,4 +127,4 @@ class InfoNCELoss(nn.Module):
             query, positive = F.normalize(query, dim=-1), F.normalize(positive, dim=-1)
             negatives = F.normalize(negatives, dim=-1)
         return info_nce(query, positive, negatives, self.temperature,
-                        decoupled=self.decoupled).mean()
+                        decoupled=self.decoupled, debiased=self.debiased).mean()

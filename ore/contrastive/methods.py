@@ -89,12 +89,13 @@ def _no_small(method: Method, small) -> None:
 class SimCLR(Method):
     def __init__(
         self, trunk, channels, *, temperature, hidden_dim, out_dim, head="mlp",
-        gather_distributed=False, decoupled=False, **_,
+        gather_distributed=False, decoupled=False, debiased=0.0, **_,
     ):
         super().__init__(trunk, channels)
         self.projector, _ = _projector(head, channels, hidden_dim, out_dim)
         self.loss = NTXentLoss(
-            temperature, gather_distributed=gather_distributed, decoupled=decoupled
+            temperature, gather_distributed=gather_distributed, decoupled=decoupled,
+            debiased=debiased,
         )
         self._multi_positive = SupConLoss(temperature, gather_distributed=gather_distributed)
 
@@ -103,8 +104,8 @@ class SimCLR(Method):
         z = self.projector(self.encoder(torch.cat([x1, x2])))  # one pass: shared BN stats
         if small is None:
             return self.loss(z[:n], z[n:])
-        if self.loss.decoupled:
-            raise ValueError("SimCLR's multi-crop loss has no decoupled form")
+        if self.loss.decoupled or self.loss.debiased:
+            raise ValueError("SimCLR's multi-crop loss has no decoupled or debiased form")
         # Multi-crop: every crop of an image is a positive of every other (NT-Xent with
         # several positives, i.e. SupCon with each image its own class).
         return self._multi_positive(_views(z, self.projector(self.encoder(small)), n), None)
@@ -131,7 +132,7 @@ class SupCon(Method):
 class MoCoMethod(Method):
     def __init__(
         self, trunk, channels, *, temperature, hidden_dim, out_dim, queue_size, momentum,
-        head="mlp", gather_distributed=False, decoupled=False, **_,
+        head="mlp", gather_distributed=False, decoupled=False, debiased=0.0, **_,
     ):
         super().__init__(trunk, channels)
         projector, dim = _projector(head, channels, hidden_dim, out_dim)
@@ -145,6 +146,7 @@ class MoCoMethod(Method):
             symmetric=True,  # each view is once the query, as in MoCo v3 and CIFAR recipes
             gather_distributed=gather_distributed,  # every process enqueues all keys
             decoupled=decoupled,
+            debiased=debiased,
         )
 
     def forward(self, x1, x2, labels=None, index=None, small=None):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ore.contrastive._checks import check_temperature
+from ore.contrastive._checks import check_tau_plus, check_temperature
 from ore.contrastive.distributed import all_gather_no_grad
 from ore.contrastive.infonce import info_nce
 from ore.contrastive.memory import FeatureQueue, momentum_update
@@ -38,8 +38,9 @@ class MoCo(nn.Module):
     Each is scored against every key of its image, and only the two views' keys are
     enqueued; the loss is the mean over all (query, key) pairs.
 
-    ``decoupled=True`` drops the positive from each denominator (DCL; see
-    :func:`~ore.contrastive.infonce.info_nce`).
+    ``decoupled=True`` drops the positive from each denominator (DCL); ``debiased=τ⁺``
+    removes the estimated same-class share of the queue (Chuang et al., 2020); see
+    :func:`~ore.contrastive.infonce.info_nce`.
 
     Attributes:
         encoder_q: f_q, mapping images to [n, dim] (trunk + projection head).
@@ -65,6 +66,7 @@ class MoCo(nn.Module):
         symmetric: bool = False,
         gather_distributed: bool = False,
         decoupled: bool = False,
+        debiased: float = 0.0,
     ):
         super().__init__()
         if not 0.0 <= momentum <= 1.0:
@@ -77,6 +79,10 @@ class MoCo(nn.Module):
         self.symmetric = bool(symmetric)
         self.gather_distributed = gather_distributed
         self.decoupled = bool(decoupled)
+        self.debiased = check_tau_plus(debiased)
+        if self.decoupled and self.debiased:
+            raise ValueError("decoupled and debiased are two different denominators; "
+                             "choose one")
         self.encoder_q = encoder_q
         self.encoder_k = copy.deepcopy(encoder_q)
         for p in self.encoder_k.parameters():
@@ -119,7 +125,7 @@ class MoCo(nn.Module):
         negatives = self.queue.get().clone()  # [K, dim]; enqueue below writes in place
         with torch.autocast(device_type=q.device.type, enabled=False):
             loss = info_nce(q_all.float(), k_all.float(), negatives.float(), self.T,
-                            decoupled=self.decoupled).mean()
+                            decoupled=self.decoupled, debiased=self.debiased).mean()
         if self.training:
             self.queue.enqueue(all_gather_no_grad(k) if self.gather_distributed else k)
         return loss

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ore.contrastive._checks import check_temperature, fp32_loss
+from ore.contrastive._checks import check_tau_plus, check_temperature, fp32_loss
 from ore.contrastive.distributed import all_gather, rank
+from ore.contrastive.infonce import debiased_nce
 
 
 class NTXentLoss(nn.Module):
@@ -24,6 +25,11 @@ class NTXentLoss(nn.Module):
     positive no longer shrinks the gradient of the negatives (the "negative-positive
     coupling" that makes small batches learn slowly). Equal similarities give log(2N − 2).
 
+    ``debiased=τ⁺ > 0`` is the debiased loss of Chuang et al. (NeurIPS 2020): with a class
+    prior τ⁺ (0.1 for ten balanced classes), the expected contribution of same-class
+    "negatives" is estimated from the positive and removed from the denominator; see
+    :func:`~ore.contrastive.infonce.debiased_nce`.
+
     With ``gather_distributed=True`` the keys are gathered from every process (gradients
     kept), so each anchor sees the 2·N·world − 2 negatives of the global batch; the loss
     is the mean over this process's anchors.
@@ -32,6 +38,7 @@ class NTXentLoss(nn.Module):
         temperature: τ.
         gather_distributed: use negatives from all processes.
         decoupled: DCL's denominator without the positive.
+        debiased: τ⁺ of the debiased loss (0: off).
 
     Examples:
         >>> z1, z2 = torch.randn(8, 128), torch.randn(8, 128)
@@ -40,12 +47,16 @@ class NTXentLoss(nn.Module):
 
     def __init__(
         self, temperature: float = 0.5, gather_distributed: bool = False, *,
-        decoupled: bool = False,
+        decoupled: bool = False, debiased: float = 0.0,
     ):
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.gather_distributed = gather_distributed
         self.decoupled = bool(decoupled)
+        self.debiased = check_tau_plus(debiased)
+        if self.decoupled and self.debiased:
+            raise ValueError("decoupled and debiased are two different denominators; "
+                             "choose one")
 
     @fp32_loss
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
@@ -70,8 +81,10 @@ class NTXentLoss(nn.Module):
         # The self-pair gets −inf: exp(−inf) = 0 in the sum and a zero gradient. In place is
         # safe: the matmul's backward needs its inputs, not its output.
         logits[rows, self_idx] = float("-inf")
-        if self.decoupled:
+        if self.decoupled or self.debiased:
             pos = logits[rows, pos_idx]  # gathered (a copy) before the mask below
-            logits[rows, pos_idx] = float("-inf")
+            logits[rows, pos_idx] = float("-inf")  # now only the 2N − 2 negatives remain
+            if self.debiased:
+                return debiased_nce(pos, logits, self.debiased, self.temperature).mean()
             return (torch.logsumexp(logits, dim=1) - pos).mean()
         return F.cross_entropy(logits, pos_idx)  # fused, max-shifted log-softmax

@@ -28,7 +28,7 @@ DEFAULT_SIZE = 64  # training resolution
 # and PCL's memory and k-means would need their own gathering.
 MULTI_PROCESS_METHODS = ("simclr", "moco", "supcon")
 MULTI_CROP_METHODS = ("simclr", "moco", "supcon")  # --small-crops
-DECOUPLED_METHODS = ("simclr", "moco")  # --decoupled
+DECOUPLED_METHODS = ("simclr", "moco")  # --decoupled, --debiased
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoupled", action="store_true",
                         help="simclr, moco: DCL's loss, without the positive in the "
                              "denominator (Yeh et al., 2022)")
+    parser.add_argument("--debiased", type=float, default=0.0, metavar="TAU_PLUS",
+                        help="simclr, moco: the debiased loss (Chuang et al., 2020) with class "
+                             "prior TAU_PLUS, the chance that a negative shares the anchor's "
+                             "class (0.1 for ten balanced classes); 0: off")
     parser.add_argument("--out-dim", type=int, default=128, help="projection dimension")
     parser.add_argument("--hidden-dim", type=int, default=512, help="projection head width")
     parser.add_argument("--queue-size", type=int, default=None,
@@ -159,6 +163,17 @@ def _check_args(args) -> None:
     if args.decoupled and args.small_crops and args.method == "simclr":
         raise OreError("--decoupled with --small-crops: SimCLR's multi-crop loss has no "
                        "decoupled form; drop one of them")
+    if not 0 <= args.debiased < 1:
+        raise OreError(f"--debiased must be in [0, 1), got {args.debiased}")
+    if args.debiased and args.method not in DECOUPLED_METHODS:
+        raise OreError(f"--debiased: {args.method} has no debiased loss; use "
+                       f"{', '.join(DECOUPLED_METHODS)}")
+    if args.debiased and args.decoupled:
+        raise OreError("--debiased with --decoupled: they are two different denominators; "
+                       "choose one")
+    if args.debiased and args.small_crops and args.method == "simclr":
+        raise OreError("--debiased with --small-crops: SimCLR's multi-crop loss has no "
+                       "debiased form; drop one of them")
     if not 0 <= args.jitter < 1:
         raise OreError(f"--jitter must be in [0, 1), got {args.jitter}")
     for name in ("blur_prob", "solarize_prob"):
@@ -329,6 +344,7 @@ def pretrain(args) -> dict:
         recluster_steps=args.pcl_recluster_steps or n // args.batch_size,
         gather_distributed=dist_info.distributed,
         decoupled=args.decoupled,
+        debiased=args.debiased,
     )
     try:
         method = _channels_last(method.to(device=device))
