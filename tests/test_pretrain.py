@@ -98,14 +98,24 @@ def test_defaults_are_resolved_in_the_arguments(image_dir, tmp_path, method):
                  "--epochs", "1", "--batch-size", "4", "--image-size", "32",
                  "--output", str(tmp_path / "t.pth"), "--no-progress")
     assert args.temperature is None and args.crop_scale is None and args.queue_size is None
-    assert args.head is None
+    assert args.head is None and args.jitter is None
     pretrain(args)
     assert args.temperature == DEFAULT_TEMPERATURE[method]
     assert args.head == DEFAULT_HEAD[method] == ("linear" if method == "moco" else "mlp")
     assert args.crop_scale == (0.2, 1.0)  # image folders' default
+    assert args.jitter == 0.8  # SimCLR's strength for colour images
     # MoCo's queue holds the keys of the last 8 steps (2 × batch keys per step).
     assert args.queue_size == (16 * 4 if method == "moco" else 4096)
     assert args.lr == 0.06  # not scaled down below batch 256
+
+
+def test_fashion_mnist_defaults_differ_from_image_folders(tmp_path):
+    from ore.contrastive.pretrain import _check_args
+
+    args = _args("--method", "simclr", "--dataset", "fashion-mnist",
+                 "--output", str(tmp_path / "t.pth"))
+    _check_args(args)  # resolves defaults without loading data
+    assert args.jitter == 0.95 and args.crop_scale == (0.4, 1.0)
 
 
 def test_resnet18_trunk_roundtrip(tmp_path):
@@ -175,7 +185,7 @@ def test_simclr_and_supcon_multi_crop_treat_every_crop_of_an_image_as_a_positive
         nnclr(x1, x2, labels, torch.arange(n), small)
     dcl = build_method("simclr", build_trunk("tiny"), trunk_out_channels("tiny"),
                        decoupled=True, **kw)
-    with pytest.raises(ValueError, match="no decoupled form"):
+    with pytest.raises(ValueError, match="no decoupled or debiased form"):
         dcl(x1, x2, labels, torch.arange(n), small)
 
 

@@ -34,6 +34,14 @@ def check_tau_plus(tau_plus: float) -> float:
     return t
 
 
+def check_denominator(decoupled: bool, debiased: float) -> tuple[bool, float]:
+    """DCL's ``decoupled`` flag and the debiased loss's τ⁺, which exclude each other."""
+    decoupled, tau_plus = bool(decoupled), check_tau_plus(debiased)
+    if decoupled and tau_plus:
+        raise ValueError("decoupled and debiased are two different denominators; choose one")
+    return decoupled, tau_plus
+
+
 def fp32_loss(forward):
     """Run a loss's forward with autocast off and half-precision inputs cast to fp32.
 

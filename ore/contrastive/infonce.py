@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ore.contrastive._checks import check_tau_plus, check_temperature, fp32_loss
+from ore.contrastive._checks import check_denominator, check_tau_plus, check_temperature, fp32_loss
 
 
 def info_nce(
@@ -30,8 +30,7 @@ def info_nce(
     scales down the gradient of its negatives, which matters most for small batches.
     ``debiased=τ⁺ > 0`` is the debiased loss (:func:`debiased_nce`).
     """
-    if decoupled and debiased:
-        raise ValueError("decoupled and debiased are two different denominators; choose one")
+    decoupled, debiased = check_denominator(decoupled, debiased)
     if negatives.ndim not in (2, 3):
         raise ValueError(f"negatives must be [M, D] or [N, M, D], got {tuple(negatives.shape)}")
     query = query * (1.0 / temperature)  # scale [N, D] once instead of the [N, 1 + M] logits
@@ -108,11 +107,7 @@ class InfoNCELoss(nn.Module):
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.normalize = normalize
-        self.decoupled = bool(decoupled)
-        self.debiased = check_tau_plus(debiased)
-        if self.decoupled and self.debiased:
-            raise ValueError("decoupled and debiased are two different denominators; "
-                             "choose one")
+        self.decoupled, self.debiased = check_denominator(decoupled, debiased)
 
     @fp32_loss
     def forward(

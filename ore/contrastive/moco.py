@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ore.contrastive._checks import check_tau_plus, check_temperature
+from ore.contrastive._checks import check_denominator, check_temperature
 from ore.contrastive.distributed import all_gather_no_grad
 from ore.contrastive.infonce import info_nce
 from ore.contrastive.memory import FeatureQueue, momentum_update
@@ -78,11 +78,7 @@ class MoCo(nn.Module):
         self.shuffle_bn_splits = shuffle_bn_splits
         self.symmetric = bool(symmetric)
         self.gather_distributed = gather_distributed
-        self.decoupled = bool(decoupled)
-        self.debiased = check_tau_plus(debiased)
-        if self.decoupled and self.debiased:
-            raise ValueError("decoupled and debiased are two different denominators; "
-                             "choose one")
+        self.decoupled, self.debiased = check_denominator(decoupled, debiased)
         self.encoder_q = encoder_q
         self.encoder_k = copy.deepcopy(encoder_q)
         for p in self.encoder_k.parameters():

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ore.contrastive._checks import check_tau_plus, check_temperature, fp32_loss
+from ore.contrastive._checks import check_denominator, check_temperature, fp32_loss
 from ore.contrastive.distributed import all_gather, rank
 from ore.contrastive.infonce import debiased_nce
 
@@ -52,11 +52,7 @@ class NTXentLoss(nn.Module):
         super().__init__()
         self.temperature = check_temperature(temperature)
         self.gather_distributed = gather_distributed
-        self.decoupled = bool(decoupled)
-        self.debiased = check_tau_plus(debiased)
-        if self.decoupled and self.debiased:
-            raise ValueError("decoupled and debiased are two different denominators; "
-                             "choose one")
+        self.decoupled, self.debiased = check_denominator(decoupled, debiased)
 
     @fp32_loss
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
