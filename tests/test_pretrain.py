@@ -279,27 +279,18 @@ def test_missing_dataset_and_bad_arguments_are_ore_errors(tmp_path, image_dir):
         with pytest.raises(OreError, match=message):
             pretrain(_args("--method", "simclr", "--images", str(image_dir), flag, value,
                            "--output", str(tmp_path / "o.pth")))
-    with pytest.raises(OreError, match="--decoupled: pcl has no decoupled loss"):
-        pretrain(_args("--method", "pcl", "--images", str(image_dir), "--decoupled",
-                       "--output", str(tmp_path / "o.pth")))
-    with pytest.raises(OreError, match="--decoupled with --small-crops"):
-        pretrain(_args("--method", "simclr", "--images", str(image_dir), "--decoupled",
-                       "--small-crops", "2", "--output", str(tmp_path / "o.pth")))
-    with pytest.raises(OreError, match="--debiased: nnclr has no debiased loss"):
-        pretrain(_args("--method", "nnclr", "--images", str(image_dir), "--debiased", "0.1",
-                       "--output", str(tmp_path / "o.pth")))
-    with pytest.raises(OreError, match="--debiased must be in"):
-        pretrain(_args("--method", "simclr", "--images", str(image_dir), "--debiased", "1",
-                       "--output", str(tmp_path / "o.pth")))
-    with pytest.raises(OreError, match="--debiased with --decoupled"):
-        pretrain(_args("--method", "moco", "--images", str(image_dir), "--debiased", "0.1",
-                       "--decoupled", "--output", str(tmp_path / "o.pth")))
-    with pytest.raises(OreError, match="--debiased with --small-crops"):
-        pretrain(_args("--method", "simclr", "--images", str(image_dir), "--debiased", "0.1",
-                       "--small-crops", "2", "--output", str(tmp_path / "o.pth")))
-    with pytest.raises(OreError, match="nnclr has no multi-crop form"):
-        pretrain(_args("--method", "nnclr", "--images", str(image_dir), "--small-crops", "2",
-                       "--output", str(tmp_path / "o.pth")))
+    for method, flags, message in (
+        ("pcl", ["--decoupled"], "--decoupled: pcl has no decoupled loss"),
+        ("simclr", ["--decoupled", "--small-crops", "2"], "--decoupled with --small-crops"),
+        ("nnclr", ["--debiased", "0.1"], "--debiased: nnclr has no debiased loss"),
+        ("simclr", ["--debiased", "1"], "--debiased must be in"),
+        ("moco", ["--debiased", "0.1", "--decoupled"], "--debiased with --decoupled"),
+        ("simclr", ["--debiased", "0.1", "--small-crops", "2"], "--debiased with --small-crops"),
+        ("nnclr", ["--small-crops", "2"], "nnclr has no multi-crop form"),
+    ):
+        with pytest.raises(OreError, match=message):
+            pretrain(_args("--method", method, "--images", str(image_dir), *flags,
+                           "--output", str(tmp_path / "o.pth")))
 
 
 def test_read_idx_roundtrip_and_corrupt_file(tmp_path):
