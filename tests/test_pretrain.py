@@ -270,6 +270,7 @@ def test_missing_dataset_and_bad_arguments_are_ore_errors(tmp_path, image_dir):
     for flag, value, message in (("--crop-scale", "0.5", "LO,HI"),
                                  ("--crop-scale", "0.9,0.2", "0 < LO ≤ HI ≤ 1"),
                                  ("--jitter", "1.5", "--jitter"),
+                                 ("--jitter-prob", "-0.1", "--jitter-prob must be in"),
                                  ("--solarize-prob", "2", "--solarize-prob"),
                                  ("--lr", "0", "--lr must be > 0"),
                                  ("--queue-size", "0", "--queue-size must be ≥ 1"),

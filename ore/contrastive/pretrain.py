@@ -87,9 +87,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 0.4,1 for fashion-mnist, 0.2,1 for image folders)")
     parser.add_argument("--jitter", type=float, default=None,
                         help="colour jitter strength (brightness, contrast, saturation; "
-                             "hue is a quarter of it), applied with probability 0.8; "
-                             "0 turns jitter off (default 0.95 for fashion-mnist, 0.8, "
-                             "SimCLR's, for image folders)")
+                             "hue is a quarter of it), applied with probability "
+                             "--jitter-prob; 0 turns jitter off (default 0.95 for "
+                             "fashion-mnist, 0.8, SimCLR's, for image folders)")
+    parser.add_argument("--jitter-prob", type=float, default=0.8,
+                        help="probability of colour jitter (SimCLR's 0.8)")
     parser.add_argument("--blur-prob", type=float, default=0.0,
                         help="probability of a Gaussian blur")
     parser.add_argument("--solarize-prob", type=float, default=0.2,
@@ -178,7 +180,7 @@ def _check_args(args) -> None:
         args.jitter = 0.95 if args.dataset == "fashion-mnist" else 0.8
     if not 0 <= args.jitter < 1:
         raise OreError(f"--jitter must be in [0, 1), got {args.jitter}")
-    for name in ("blur_prob", "solarize_prob"):
+    for name in ("jitter_prob", "blur_prob", "solarize_prob"):
         if not 0 <= getattr(args, name) <= 1:
             raise OreError(f"--{name.replace('_', '-')} must be in [0, 1], "
                            f"got {getattr(args, name)}")
@@ -360,7 +362,7 @@ def pretrain(args) -> dict:
     main_process = dist_info.is_main
     prep = Preprocess(train.images, size)
     j = args.jitter
-    photometric = dict(jitter=(j, j, j, j / 4), jitter_prob=0.8 if j > 0 else 0.0,
+    photometric = dict(jitter=(j, j, j, j / 4), jitter_prob=args.jitter_prob if j > 0 else 0.0,
                        blur_prob=args.blur_prob, solarize_prob=args.solarize_prob)
     augment = BatchAugment(size, scale=args.crop_scale, **photometric)
     small_augment = None
