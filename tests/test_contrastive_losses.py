@@ -389,6 +389,22 @@ def test_moco_matches_loop_and_enqueues_keys():
     assert all(p.grad is None for p in moco.encoder_k.parameters())
 
 
+def test_moco_predictor_maps_queries_only():
+    torch.manual_seed(3)
+    enc, pred = nn.Linear(6, 4), nn.Linear(4, 4)
+    moco = MoCo(enc, 4, queue_size=10, momentum=0.9, temperature=0.2, predictor=pred)
+    queue_before = moco.queue.get().clone()
+    x_q, x_k = torch.randn(3, 6), torch.randn(3, 6)
+    loss = moco(x_q, x_k)
+    q, k = pred(enc(x_q)).detach(), moco.encoder_k(x_k).detach()  # keys: no predictor
+    assert close(loss, naive_infonce(q, k, queue_before, 0.2), 1e-4)
+    assert torch.allclose(moco.queue.features[:3], F.normalize(k, dim=1), atol=1e-6)
+    n_params = sum(p.numel() for p in moco.encoder_k.parameters())
+    assert n_params == sum(p.numel() for p in enc.parameters())  # no copy of the predictor
+    loss.backward()
+    assert pred.weight.grad is not None and enc.weight.grad is not None
+
+
 def test_moco_decoupled_leaves_the_positive_out_of_the_denominator():
     torch.manual_seed(1)
     enc = nn.Linear(6, 4)

@@ -98,7 +98,7 @@ def test_defaults_are_resolved_in_the_arguments(image_dir, tmp_path, method):
                  "--epochs", "1", "--batch-size", "4", "--image-size", "32",
                  "--output", str(tmp_path / "t.pth"), "--no-progress")
     assert args.temperature is None and args.crop_scale is None and args.queue_size is None
-    assert args.head is None and args.jitter is None
+    assert args.head is None and args.jitter is None and args.momentum is None
     pretrain(args)
     assert args.temperature == DEFAULT_TEMPERATURE[method]
     assert args.head == DEFAULT_HEAD[method] == ("linear" if method == "moco" else "mlp")
@@ -107,6 +107,7 @@ def test_defaults_are_resolved_in_the_arguments(image_dir, tmp_path, method):
     # MoCo's queue holds the keys of the last 8 steps (2 × batch keys per step).
     assert args.queue_size == (16 * 4 if method == "moco" else 4096)
     assert args.lr == 0.06  # not scaled down below batch 256
+    assert args.momentum == (0.995 if method == "moco" else 0.99)
 
 
 def test_fashion_mnist_defaults_differ_from_image_folders(tmp_path):
@@ -155,6 +156,20 @@ def test_every_method_takes_a_finite_training_step(method, head):
     assert not torch.equal(before, trunk.state_dict()[key])
     if method == "pcl":
         assert len(m.loss.prototypes) == 2
+
+
+def test_moco_predictor_trains_and_stays_out_of_the_trunk():
+    torch.manual_seed(0)
+    trunk = build_trunk("tiny")
+    m = build_method("moco", trunk, trunk_out_channels("tiny"), temperature=0.2,
+                     hidden_dim=32, out_dim=16, queue_size=32, momentum=0.9, predictor=True)
+    assert m.moco.predictor is not None
+    loss = m(*torch.randn(2, 8, 3, 32, 32).unbind(0))
+    loss.backward()
+    assert all(p.grad is not None for p in m.moco.predictor.parameters())
+    predictor_ids = {id(p) for p in m.moco.predictor.parameters()}
+    assert not predictor_ids & {id(p) for p in trunk.parameters()}
+    assert not predictor_ids & {id(p) for p in m.moco.encoder_k.parameters()}
 
 
 def test_simclr_and_supcon_multi_crop_treat_every_crop_of_an_image_as_a_positive():
@@ -288,6 +303,8 @@ def test_missing_dataset_and_bad_arguments_are_ore_errors(tmp_path, image_dir):
         ("moco", ["--debiased", "0.1", "--decoupled"], "--debiased with --decoupled"),
         ("simclr", ["--debiased", "0.1", "--small-crops", "2"], "--debiased with --small-crops"),
         ("nnclr", ["--small-crops", "2"], "nnclr has no multi-crop form"),
+        ("simclr", ["--predictor"], "--predictor: only moco takes it"),
+        ("pcl", ["--momentum", "1.5"], "--momentum must be in"),
     ):
         with pytest.raises(OreError, match=message):
             pretrain(_args("--method", method, "--images", str(image_dir), *flags,

@@ -132,7 +132,8 @@ class SupCon(Method):
 class MoCoMethod(Method):
     def __init__(
         self, trunk, channels, *, temperature, hidden_dim, out_dim, queue_size, momentum,
-        head="mlp", gather_distributed=False, decoupled=False, debiased=0.0, **_,
+        head="mlp", gather_distributed=False, decoupled=False, debiased=0.0,
+        predictor=False, **_,
     ):
         super().__init__(trunk, channels)
         projector, dim = _projector(head, channels, hidden_dim, out_dim)
@@ -147,6 +148,7 @@ class MoCoMethod(Method):
             gather_distributed=gather_distributed,  # every process enqueues all keys
             decoupled=decoupled,
             debiased=debiased,
+            predictor=PredictionHead(dim, hidden_dim) if predictor else None,  # MoCo v3
         )
 
     def forward(self, x1, x2, labels=None, index=None, small=None):

@@ -38,6 +38,10 @@ class MoCo(nn.Module):
     Each is scored against every key of its image, and only the two views' keys are
     enqueued; the loss is the mean over all (query, key) pairs.
 
+    ``predictor`` (MoCo v3) is an MLP applied to the queries only, q = p(f_q(x_q)): the
+    key encoder has no copy of it, so the queries must predict the momentum keys rather
+    than equal them.
+
     ``decoupled=True`` drops the positive from each denominator (DCL); ``debiased=τ⁺``
     removes the estimated same-class share of the queue (Chuang et al., 2020); see
     :func:`~ore.contrastive.infonce.info_nce`.
@@ -45,6 +49,7 @@ class MoCo(nn.Module):
     Attributes:
         encoder_q: f_q, mapping images to [n, dim] (trunk + projection head).
         encoder_k: f_k, a deep copy of f_q updated only by momentum.
+        predictor: the query-side MLP, or None.
         queue: :class:`FeatureQueue` of K keys, starting from random unit vectors.
         K, m, T: queue size, momentum, temperature (names from the paper).
 
@@ -67,6 +72,7 @@ class MoCo(nn.Module):
         gather_distributed: bool = False,
         decoupled: bool = False,
         debiased: float = 0.0,
+        predictor: nn.Module | None = None,
     ):
         super().__init__()
         if not 0.0 <= momentum <= 1.0:
@@ -81,9 +87,14 @@ class MoCo(nn.Module):
         self.decoupled, self.debiased = check_denominator(decoupled, debiased)
         self.encoder_q = encoder_q
         self.encoder_k = copy.deepcopy(encoder_q)
+        self.predictor = predictor
         for p in self.encoder_k.parameters():
             p.requires_grad_(False)
         self.queue = FeatureQueue(self.K, dim, random_init=True)
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.encoder_q(x)
+        return F.normalize(q if self.predictor is None else self.predictor(q), dim=1)
 
     @torch.no_grad()
     def _keys(self, x_k: torch.Tensor) -> torch.Tensor:
@@ -103,7 +114,7 @@ class MoCo(nn.Module):
         n = x_q.shape[0]
         if self.symmetric:
             x_q, x_k = torch.cat([x_q, x_k]), torch.cat([x_k, x_q])
-        q = F.normalize(self.encoder_q(x_q), dim=1)  # [n, dim] (2n when symmetric)
+        q = self._queries(x_q)  # [n, dim] (2n when symmetric)
         if self.training:
             momentum_update(self.encoder_k, self.encoder_q, self.m)
         k = self._keys(x_k)  # no gradient
@@ -114,7 +125,7 @@ class MoCo(nn.Module):
                     f"x_extra must hold whole views of the {n} images, got {x_extra.shape[0]}"
                 )
             v, (nk, d) = x_extra.shape[0] // n, (k.shape[0] // n, k.shape[1])
-            q_extra = F.normalize(self.encoder_q(x_extra), dim=1)  # own pass: own BN stats
+            q_extra = self._queries(x_extra)  # own pass: own BN stats
             # Row (j, u, i): extra view u of image i against image i's key of view j.
             q_all = torch.cat([q, q_extra.repeat(nk, 1)])
             k_all = torch.cat([k, k.view(nk, 1, n, d).expand(nk, v, n, d).reshape(-1, d)])

@@ -67,12 +67,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="simclr, moco: the debiased loss (Chuang et al., 2020) with class "
                              "prior TAU_PLUS, the chance that a negative shares the anchor's "
                              "class (0.1 for ten balanced classes); 0: off")
+    parser.add_argument("--predictor", action="store_true",
+                        help="moco: MoCo v3's MLP predictor on the queries")
     parser.add_argument("--out-dim", type=int, default=128, help="projection dimension")
     parser.add_argument("--hidden-dim", type=int, default=512, help="projection head width")
     parser.add_argument("--queue-size", type=int, default=None,
                         help="queue of negatives (moco, pcl) or support set (nnclr); default "
                              "moco 16×batch (the keys of the last 8 steps), pcl/nnclr 4096")
-    parser.add_argument("--momentum", type=float, default=0.99, help="key-encoder momentum")
+    parser.add_argument("--momentum", type=float, default=None,
+                        help="key-encoder momentum (moco, pcl); default moco 0.995, pcl 0.99")
     parser.add_argument("--num-clusters", default="100,250,500", help="pcl k-means sizes")
     parser.add_argument("--pcl-recluster-steps", type=int, default=None,
                         help="pcl: k-means every N steps (default: once per epoch)")
@@ -120,6 +123,11 @@ def _check_args(args) -> None:
         raise OreError(f"--minutes must be > 0, got {args.minutes}")
     if args.image_size is not None and args.image_size < 8:
         raise OreError(f"--image-size must be ≥ 8, got {args.image_size}")
+    if args.momentum is None:
+        # MoCo at 15 minutes on Fashion-MNIST (~10k steps), cosine kNN top-1 of three seeds
+        # at 0.995: 85.6, 85.2, 85.3, against 85.2 at 0.99 (one seed); a small gain inside
+        # the seed spread. PCL was not measured and keeps 0.99.
+        args.momentum = 0.995 if args.method == "moco" else 0.99
     if not 0 <= args.momentum <= 1:
         raise OreError(f"--momentum must be in [0, 1], got {args.momentum}")
     if args.temperature is not None and not args.temperature > 0:
@@ -160,6 +168,9 @@ def _check_args(args) -> None:
     if args.small_crops and args.method not in MULTI_CROP_METHODS:
         raise OreError(f"--small-crops: {args.method} has no multi-crop form; use "
                        f"{', '.join(MULTI_CROP_METHODS)}, or --small-crops 0")
+    if args.predictor and args.method != "moco":
+        raise OreError(f"--predictor: only moco takes it (nnclr has its own), not "
+                       f"{args.method}")
     if not 0 <= args.debiased < 1:
         raise OreError(f"--debiased must be in [0, 1), got {args.debiased}")
     if args.debiased and args.decoupled:
@@ -349,6 +360,7 @@ def pretrain(args) -> dict:
         gather_distributed=dist_info.distributed,
         decoupled=args.decoupled,
         debiased=args.debiased,
+        predictor=args.predictor,
     )
     try:
         method = _channels_last(method.to(device=device))
