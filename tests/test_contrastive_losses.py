@@ -24,6 +24,7 @@ from ore.contrastive import (
     SupConLoss,
     TripletLoss,
 )
+from ore.contrastive.infonce import info_nce
 
 
 @pytest.fixture(autouse=True)
@@ -475,11 +476,74 @@ def test_moco_extra_crops_are_queries_against_every_key_of_their_image():
         moco(x1, x2, torch.randn(4, 6))
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_moco_batch_negatives_add_the_other_images_keys(symmetric):
+    torch.manual_seed(4)
+    enc = nn.Linear(6, 4)
+    moco = MoCo(enc, 4, queue_size=10, momentum=0.9, temperature=0.2, symmetric=symmetric,
+                batch_negatives=True)
+    queue_before = moco.queue.get().clone()
+    n = 3
+    x1, x2 = torch.randn(n, 6), torch.randn(n, 6)
+    loss = moco(x1, x2)
+    xq, xk = (torch.cat([x1, x2]), torch.cat([x2, x1])) if symmetric else (x1, x2)
+    q, k = enc(xq).detach(), moco.encoder_k(xk).detach()
+    # Query r (image r mod n): its negatives are the queue plus every key of another image.
+    total = 0.0
+    for r in range(len(q)):
+        others = torch.stack([k[c] for c in range(len(k)) if c % n != r % n])
+        total += naive_infonce(q[r : r + 1], k[r : r + 1], torch.cat([others, queue_before]),
+                               0.2)
+    assert close(loss, total / len(q), 1e-4)
+    assert int(moco.queue.ptr) == len(k)  # the queue is unchanged by the option
+
+
+def test_moco_batch_negatives_with_extra_crops_leave_out_every_key_of_the_own_image():
+    torch.manual_seed(5)
+    enc = nn.Linear(6, 4)
+    moco = MoCo(enc, 4, queue_size=10, momentum=0.9, temperature=0.2, symmetric=True,
+                batch_negatives=True)
+    queue_before = moco.queue.get().clone()
+    n = 2
+    x1, x2, extra = torch.randn(n, 6), torch.randn(n, 6), torch.randn(n, 6)
+    loss = moco(x1, x2, extra)
+    q1, q2, qe = (enc(x).detach() for x in (x1, x2, extra))
+    k = moco.encoder_k(torch.cat([x2, x1])).detach()  # keys [k2; k1]
+    pairs = [(q1[i], k[i]) for i in range(n)] + [(q2[i], k[n + i]) for i in range(n)]
+    pairs += [(qe[i], k[j * n + i]) for j in range(2) for i in range(n)]
+    image = [i for _ in range(4) for i in range(n)]
+    total = 0.0
+    for (qr, kr), img in zip(pairs, image):
+        others = torch.stack([k[c] for c in range(2 * n) if c % n != img])
+        total += naive_infonce(qr[None], kr[None], torch.cat([others, queue_before]), 0.2)
+    assert close(loss, total / len(pairs), 1e-4)
+
+
+def test_infonce_exclude_drops_negatives_and_checks_its_shape():
+    q, k, negs = torch.randn(4, 5), torch.randn(4, 5), torch.randn(6, 5)
+    exclude = torch.zeros(4, 6, dtype=torch.bool)
+    exclude[0, :3] = exclude[2, 5] = True
+    qn, kn, nn_ = (F.normalize(t, dim=1) for t in (q, k, negs))
+    got = info_nce(qn, kn, nn_, 0.2, exclude=exclude)
+    for r in range(4):
+        ref = naive_infonce(q[r : r + 1], k[r : r + 1], negs[~exclude[r]], 0.2)
+        assert close(got[r], ref, 1e-4)
+    with pytest.raises(ValueError, match="exclude must be"):
+        info_nce(qn, kn, nn_, 0.2, exclude=exclude[:, :5])
+
+
 def test_moco_shuffle_bn_splits_gives_same_keys_without_batchnorm():
     enc = nn.Linear(6, 4)
     a = MoCo(enc, 4, queue_size=8, shuffle_bn_splits=3)
     x = torch.randn(7, 6)
     assert torch.allclose(a._keys(x), F.normalize(a.encoder_k(x), dim=1), atol=1e-6)
+
+
+def test_moco_shuffle_bn_keeps_two_keys_per_split():
+    enc = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))
+    moco = MoCo(enc, 4, queue_size=8, shuffle_bn_splits=2)
+    assert torch.isfinite(moco(torch.randn(2, 6), torch.randn(2, 6)))  # one split of 2
+    assert torch.isfinite(moco(torch.randn(3, 6), torch.randn(3, 6)))
 
 
 def test_protonce_instance_term_and_prototypes():

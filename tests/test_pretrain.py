@@ -60,7 +60,8 @@ def image_dir(tmp_path):
 
 @pytest.mark.parametrize("method,optimizer,extra", [
     ("simclr", "sgd", ["--debiased", "0.1"]),
-    ("moco", "adamw", ["--small-crops", "2", "--small-size", "16", "--decoupled"]),
+    ("moco", "adamw", ["--small-crops", "2", "--small-size", "16", "--decoupled",
+                       "--symmetric"]),
 ])
 def test_pretrain_writes_trunk_the_detector_loads(image_dir, tmp_path, method, optimizer, extra):
     out = tmp_path / "w" / "trunk.pth"
@@ -104,10 +105,11 @@ def test_defaults_are_resolved_in_the_arguments(image_dir, tmp_path, method):
     assert args.head == DEFAULT_HEAD[method] == ("linear" if method == "moco" else "mlp")
     assert args.crop_scale == (0.2, 1.0)  # image folders' default
     assert args.jitter == 0.8  # SimCLR's strength for colour images
-    # MoCo's queue holds the keys of the last 8 steps (2 × batch keys per step).
+    # MoCo's queue holds the keys of the last 16 steps (batch keys per step, one-way loss).
     assert args.queue_size == (16 * 4 if method == "moco" else 4096)
     assert args.lr == 0.06  # not scaled down below batch 256
     assert args.momentum == (0.995 if method == "moco" else 0.99)
+    assert args.symmetric is False  # MoCo's one-way loss unless --symmetric
 
 
 def test_fashion_mnist_defaults_differ_from_image_folders(tmp_path):
@@ -164,6 +166,7 @@ def test_moco_predictor_trains_and_stays_out_of_the_key_encoder():
     m = build_method("moco", trunk, trunk_out_channels("tiny"), temperature=0.2,
                      hidden_dim=32, out_dim=16, queue_size=32, momentum=0.9, predictor=True)
     assert m.moco.predictor is not None
+    assert not m.moco.symmetric  # one-way by default
     loss = m(*torch.randn(2, 8, 3, 32, 32).unbind(0))
     loss.backward()
     assert all(p.grad is not None for p in m.moco.predictor.parameters())
@@ -304,6 +307,8 @@ def test_missing_dataset_and_bad_arguments_are_ore_errors(tmp_path, image_dir):
         ("simclr", ["--debiased", "0.1", "--small-crops", "2"], "--debiased with --small-crops"),
         ("nnclr", ["--small-crops", "2"], "nnclr has no multi-crop form"),
         ("simclr", ["--predictor"], "--predictor: only moco takes it"),
+        ("pcl", ["--batch-negatives"], "--batch-negatives: only moco takes it"),
+        ("simclr", ["--symmetric"], "--symmetric: only moco takes it"),
         ("pcl", ["--momentum", "1.5"], "--momentum must be in"),
     ):
         with pytest.raises(OreError, match=message):
@@ -344,3 +349,16 @@ def test_fashion_mnist_loads_and_pretrain_reports_knn(tmp_path):
     curves = cv2.imread(str(out.parent / "curves.png"))
     assert curves is not None and curves.shape[1] == 990  # loss and kNN panels
     load_trunk_weights(build_trunk("tiny"), out)
+
+
+def test_bench_pretrain_takes_a_lone_flag_as_extra():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_pretrain.py"
+    spec = importlib.util.spec_from_file_location("bench_pretrain", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench._join_extra(["--extra", "--decoupled", "--minutes", "3"]) == [
+        "--extra=--decoupled", "--minutes", "3"]
+    assert bench._join_extra(["--extra", "--seed 1", "--extra"]) == ["--extra=--seed 1", "--extra"]
+    assert bench._join_extra(["--extra=--x"]) == ["--extra=--x"]

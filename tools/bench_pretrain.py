@@ -54,14 +54,13 @@ def main() -> int:
                    help="64 scored best on a 15-minute CPU budget; 256 is the GPU recipe")
     p.add_argument("--image-size", type=int, default=DEFAULT_SIZE)
     p.add_argument("--extra", default="", help="more `ore pretrain` flags for every method, "
-                   "e.g. \"--jitter 0.4 --solarize-prob 0 --pcl-recluster-steps 50\"; a single "
-                   "flag needs the = form, --extra=--decoupled; the augmentation and "
-                   "optimiser are `ore pretrain`'s defaults otherwise")
+                   "e.g. \"--jitter 0.4 --solarize-prob 0\" or --extra --decoupled; the "
+                   "augmentation and optimiser are `ore pretrain`'s defaults otherwise")
     p.add_argument("--procs", type=int, default=1,
                    help="train each method with torchrun in this many processes, splitting "
                         "the threads among them (the batch is the global batch)")
     p.add_argument("--out", default="runs/bench_pretrain", help="folder for weights + results")
-    args = p.parse_args()
+    args = p.parse_args(_join_extra(sys.argv[1:]))
     ensure_dataset()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,6 +111,16 @@ def main() -> int:
     plot(results, out / "results.png",
          f"Fashion-MNIST kNN top-1, {args.arch} trunk, {args.minutes:g} min per method")
     return 0
+
+
+def _join_extra(argv: list[str]) -> list[str]:
+    """``--extra VALUE`` → ``--extra=VALUE``: argparse reads a VALUE that starts with a dash,
+    such as ``--extra --decoupled``, as an option and stops with "expected one argument"."""
+    out, rest = [], list(argv)
+    while rest:
+        a = rest.pop(0)
+        out.append(f"--extra={rest.pop(0)}" if a == "--extra" and rest else a)
+    return out
 
 
 def _pretrain_torchrun(argv: list[str], procs: int) -> dict:

@@ -19,6 +19,7 @@ def info_nce(
     *,
     decoupled: bool = False,
     debiased: float = 0.0,
+    exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-query InfoNCE [N] on already-normalised (or raw) vectors.
 
@@ -28,17 +29,25 @@ def info_nce(
     ``decoupled=True`` drops the positive from the denominator (DCL, Yeh et al., ECCV
     2022): ℓ_i = logsumexp_m(q_i·k⁻_m/τ) − q_i·k⁺_i/τ. Then an easy positive no longer
     scales down the gradient of its negatives, which matters most for small batches.
-    ``debiased=τ⁺ > 0`` is the debiased loss (:func:`debiased_nce`).
+    ``debiased=τ⁺ > 0`` is the debiased loss (:func:`debiased_nce`). ``exclude`` [N, M]
+    (bool) drops negative m from query n's sum where True, e.g. shared negatives that
+    include query n's own image.
     """
     decoupled, debiased = check_denominator(decoupled, debiased)
     if negatives.ndim not in (2, 3):
         raise ValueError(f"negatives must be [M, D] or [N, M, D], got {tuple(negatives.shape)}")
+    m = negatives.shape[-2]
+    if exclude is not None and exclude.shape != (query.shape[0], m):
+        raise ValueError(f"exclude must be [N, M] = {(query.shape[0], m)}, "
+                         f"got {tuple(exclude.shape)}")
     query = query * (1.0 / temperature)  # scale [N, D] once instead of the [N, 1 + M] logits
     pos = (query * positive).sum(-1, keepdim=True)  # [N, 1]
     if negatives.ndim == 2:  # shared negatives [M, D]
         neg = query @ negatives.T  # [N, M]
     else:  # per-query negatives [N, M, D]
         neg = torch.einsum("nd,nmd->nm", query, negatives)
+    if exclude is not None:
+        neg = neg.masked_fill(exclude, -math.inf)
     if decoupled:
         return torch.logsumexp(neg, dim=1) - pos[:, 0]
     if debiased:

@@ -42,6 +42,10 @@ class MoCo(nn.Module):
     key encoder has no copy of it, so the queries must predict the momentum keys rather
     than equal them.
 
+    ``batch_negatives=True`` adds this batch's keys of the other images to each query's
+    negatives (fresh keys, beside the queue's older ones); the keys of the query's own
+    image, its positive and, when symmetric, the key of its own view, are left out.
+
     ``decoupled=True`` drops the positive from each denominator (DCL); ``debiased=τ⁺``
     removes the estimated same-class share of the queue (Chuang et al., 2020); see
     :func:`~ore.contrastive.infonce.info_nce`.
@@ -73,6 +77,7 @@ class MoCo(nn.Module):
         decoupled: bool = False,
         debiased: float = 0.0,
         predictor: nn.Module | None = None,
+        batch_negatives: bool = False,
     ):
         super().__init__()
         if not 0.0 <= momentum <= 1.0:
@@ -88,6 +93,7 @@ class MoCo(nn.Module):
         self.encoder_q = encoder_q
         self.encoder_k = copy.deepcopy(encoder_q)
         self.predictor = predictor
+        self.batch_negatives = bool(batch_negatives)
         for p in self.encoder_k.parameters():
             p.requires_grad_(False)
         self.queue = FeatureQueue(self.K, dim, random_init=True)
@@ -98,7 +104,8 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def _keys(self, x_k: torch.Tensor) -> torch.Tensor:
-        s = min(self.shuffle_bn_splits, x_k.shape[0])
+        # At least two keys per sub-batch: BatchNorm cannot normalise a single sample.
+        s = max(1, min(self.shuffle_bn_splits, x_k.shape[0] // 2))
         if s == 1:
             return F.normalize(self.encoder_k(x_k), dim=1)
         perm = torch.randperm(x_k.shape[0], device=x_k.device)
@@ -130,9 +137,18 @@ class MoCo(nn.Module):
             q_all = torch.cat([q, q_extra.repeat(nk, 1)])
             k_all = torch.cat([k, k.view(nk, 1, n, d).expand(nk, v, n, d).reshape(-1, d)])
         negatives = self.queue.get().clone()  # [K, dim]; enqueue below writes in place
+        exclude = None
+        if self.batch_negatives:
+            # Rows of q_all and of k are view-major blocks of the n images: row r shows
+            # image r mod n. A query's negatives are the keys of the other images.
+            img_q = torch.arange(q_all.shape[0], device=q.device) % n
+            img_k = torch.arange(k.shape[0], device=q.device) % n
+            exclude = F.pad(img_q[:, None] == img_k[None, :], (0, negatives.shape[0]))
+            negatives = torch.cat([k, negatives])
         with torch.autocast(device_type=q.device.type, enabled=False):
             loss = info_nce(q_all.float(), k_all.float(), negatives.float(), self.T,
-                            decoupled=self.decoupled, debiased=self.debiased).mean()
+                            decoupled=self.decoupled, debiased=self.debiased,
+                            exclude=exclude).mean()
         if self.training:
             self.queue.enqueue(all_gather_no_grad(k) if self.gather_distributed else k)
         return loss

@@ -69,11 +69,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "class (0.1 for ten balanced classes); 0: off")
     parser.add_argument("--predictor", action="store_true",
                         help="moco: MoCo v3's MLP predictor on the queries")
+    parser.add_argument("--symmetric", action="store_true",
+                        help="moco: MoCo v3's symmetrised loss, each view once the query and "
+                             "once the key (twice the images per step); default: v1/v2's loss, "
+                             "view 1 the queries and view 2 the keys")
+    parser.add_argument("--batch-negatives", action="store_true",
+                        help="moco: this batch's keys of the other images as extra "
+                             "negatives, beside the queue")
     parser.add_argument("--out-dim", type=int, default=128, help="projection dimension")
     parser.add_argument("--hidden-dim", type=int, default=512, help="projection head width")
     parser.add_argument("--queue-size", type=int, default=None,
                         help="queue of negatives (moco, pcl) or support set (nnclr); default "
-                             "moco 16×batch (the keys of the last 8 steps), pcl/nnclr 4096")
+                             "moco 16×batch (the keys of the last 16 steps, 8 with --symmetric), "
+                             "pcl/nnclr 4096")
     parser.add_argument("--momentum", type=float, default=None,
                         help="key-encoder momentum (moco, pcl); default moco 0.995, pcl 0.99")
     parser.add_argument("--num-clusters", default="100,250,500", help="pcl k-means sizes")
@@ -133,8 +141,9 @@ def _check_args(args) -> None:
     if args.temperature is not None and not args.temperature > 0:
         raise OreError(f"--temperature must be > 0, got {args.temperature}")
     if args.queue_size is None:  # defaults are resolved here so that records show them
-        # MoCo enqueues 2×batch keys per step; a queue of the last 8 steps' keys beat one of
-        # 32 steps by 1.8 points of kNN top-1 on Fashion-MNIST (the older keys are stale).
+        # MoCo enqueues batch keys per step (2×batch when symmetric). For the symmetrised
+        # loss a queue of the last 8 steps' keys beat one of 32 steps by 1.8 points of kNN
+        # top-1 on Fashion-MNIST (the older keys are stale); one-way MoCo did well with 16.
         args.queue_size = 16 * args.batch_size if args.method == "moco" else 4096
     if args.lr is not None and not args.lr > 0:
         raise OreError(f"--lr must be > 0, got {args.lr}")
@@ -171,6 +180,10 @@ def _check_args(args) -> None:
     if args.predictor and args.method != "moco":
         raise OreError(f"--predictor: only moco takes it (nnclr has its own), not "
                        f"{args.method}")
+    for flag, on in (("--batch-negatives", args.batch_negatives),
+                     ("--symmetric", args.symmetric)):
+        if on and args.method != "moco":
+            raise OreError(f"{flag}: only moco takes it, not {args.method}")
     if not 0 <= args.debiased < 1:
         raise OreError(f"--debiased must be in [0, 1), got {args.debiased}")
     if args.debiased and args.decoupled:
@@ -361,6 +374,8 @@ def pretrain(args) -> dict:
         decoupled=args.decoupled,
         debiased=args.debiased,
         predictor=args.predictor,
+        batch_negatives=args.batch_negatives,
+        symmetric=args.symmetric,
     )
     try:
         method = _channels_last(method.to(device=device))
