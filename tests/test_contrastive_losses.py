@@ -476,34 +476,42 @@ def test_moco_extra_crops_are_queries_against_every_key_of_their_image():
         moco(x1, x2, torch.randn(4, 6))
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_moco_batch_negatives_add_the_other_images_keys(symmetric):
-    torch.manual_seed(4)
+def _moco_with_batch_negatives(seed, symmetric):
+    """A linear MoCo with ``batch_negatives=True`` and its queue before the first call."""
+    torch.manual_seed(seed)
     enc = nn.Linear(6, 4)
     moco = MoCo(enc, 4, queue_size=10, momentum=0.9, temperature=0.2, symmetric=symmetric,
                 batch_negatives=True)
-    queue_before = moco.queue.get().clone()
+    return enc, moco, moco.queue.get().clone()
+
+
+def naive_batch_negatives(pairs, images, k, n, queue, t):
+    """Mean InfoNCE over (query, positive) pairs, where a pair of image i has as negatives
+    the queue plus every row c of the batch keys k with c mod n ≠ i."""
+    total = 0.0
+    for (qr, kr), img in zip(pairs, images):
+        others = torch.stack([k[c] for c in range(len(k)) if c % n != img])
+        total += naive_infonce(qr[None], kr[None], torch.cat([others, queue]), t)
+    return total / len(pairs)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_moco_batch_negatives_add_the_other_images_keys(symmetric):
+    enc, moco, queue_before = _moco_with_batch_negatives(4, symmetric)
     n = 3
     x1, x2 = torch.randn(n, 6), torch.randn(n, 6)
     loss = moco(x1, x2)
     xq, xk = (torch.cat([x1, x2]), torch.cat([x2, x1])) if symmetric else (x1, x2)
     q, k = enc(xq).detach(), moco.encoder_k(xk).detach()
     # Query r (image r mod n): its negatives are the queue plus every key of another image.
-    total = 0.0
-    for r in range(len(q)):
-        others = torch.stack([k[c] for c in range(len(k)) if c % n != r % n])
-        total += naive_infonce(q[r : r + 1], k[r : r + 1], torch.cat([others, queue_before]),
-                               0.2)
-    assert close(loss, total / len(q), 1e-4)
+    ref = naive_batch_negatives(list(zip(q, k)), [r % n for r in range(len(q))], k, n,
+                                queue_before, 0.2)
+    assert close(loss, ref, 1e-4)
     assert int(moco.queue.ptr) == len(k)  # the queue is unchanged by the option
 
 
 def test_moco_batch_negatives_with_extra_crops_leave_out_every_key_of_the_own_image():
-    torch.manual_seed(5)
-    enc = nn.Linear(6, 4)
-    moco = MoCo(enc, 4, queue_size=10, momentum=0.9, temperature=0.2, symmetric=True,
-                batch_negatives=True)
-    queue_before = moco.queue.get().clone()
+    enc, moco, queue_before = _moco_with_batch_negatives(5, symmetric=True)
     n = 2
     x1, x2, extra = torch.randn(n, 6), torch.randn(n, 6), torch.randn(n, 6)
     loss = moco(x1, x2, extra)
@@ -512,11 +520,7 @@ def test_moco_batch_negatives_with_extra_crops_leave_out_every_key_of_the_own_im
     pairs = [(q1[i], k[i]) for i in range(n)] + [(q2[i], k[n + i]) for i in range(n)]
     pairs += [(qe[i], k[j * n + i]) for j in range(2) for i in range(n)]
     image = [i for _ in range(4) for i in range(n)]
-    total = 0.0
-    for (qr, kr), img in zip(pairs, image):
-        others = torch.stack([k[c] for c in range(2 * n) if c % n != img])
-        total += naive_infonce(qr[None], kr[None], torch.cat([others, queue_before]), 0.2)
-    assert close(loss, total / len(pairs), 1e-4)
+    assert close(loss, naive_batch_negatives(pairs, image, k, n, queue_before, 0.2), 1e-4)
 
 
 def test_infonce_exclude_drops_negatives_and_checks_its_shape():
