@@ -2,15 +2,17 @@
 
 Every key is declared once below, with its default and a comment. YAML files only
 override keys and may inherit from other files with ``_BASE_: path`` (relative to the
-file, or to ``detection_configs/``). ``KEY=VALUE`` arguments override last; values are
-parsed as YAML (``SOLVER.STEPS=[100,200]``). An unknown key is an error that names the
-closest valid key; a value of the wrong type names the key, the value and the type.
+file, or to the configs shipped with the package, :data:`CONFIG_ROOT`). ``KEY=VALUE``
+arguments override last; values are parsed as YAML (``SOLVER.STEPS=[100,200]``). An
+unknown key is an error that names the closest valid key; a value of the wrong type names
+the key, the value and the type.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ore.errors import OreError
 
-CONFIG_ROOT = Path(__file__).resolve().parents[1] / "detection_configs"
+# The detector configs shipped as package data (``toy/``, ``owod/``, ``sowod/``): a name
+# such as ``toy/t1_train.yaml`` that is not a file where the user stands is looked up here.
+CONFIG_ROOT = Path(str(importlib.resources.files("ore") / "configs"))
 
 
 def _list(*values):
@@ -335,7 +339,7 @@ def _lookup(data: dict, dotted: str) -> Any:
 
 
 def resolve_config_path(path: str | Path, relative_to: Path | None = None) -> Path:
-    """Find a config file: as given, relative to ``relative_to``, or under detection_configs/."""
+    """Find a config file: as given, relative to ``relative_to``, or under :data:`CONFIG_ROOT`."""
     p = Path(path)
     candidates = [p] if p.is_absolute() else [
         *([relative_to / p] if relative_to else []), p, CONFIG_ROOT / p

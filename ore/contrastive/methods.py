@@ -22,6 +22,11 @@ from ore.contrastive.protonce import ProtoNCELoss
 from ore.contrastive.supcon import SupConLoss
 
 METHODS = ("simclr", "moco", "nnclr", "pcl", "supcon")
+# Methods whose losses gather features across processes (torchrun). NNCLR's support queue
+# and PCL's memory and k-means would need their own gathering.
+MULTI_PROCESS_METHODS = ("simclr", "moco", "supcon")
+MULTI_CROP_METHODS = ("simclr", "moco", "supcon")  # extra low-resolution crops
+DECOUPLED_METHODS = ("simclr", "moco")  # the decoupled and the debiased denominators
 # Temperatures for small batches: PCL, SupCon and NNCLR follow the papers' CIFAR runs;
 # SimCLR's and MoCo's were measured on Fashion-MNIST (kNN top-1: SimCLR 82.0 at 0.1 vs 81.4
 # at 0.2 and 78.1 at 0.05; symmetric MoCo 81.9 at 0.1 vs 81.6 at 0.2).

@@ -8,13 +8,10 @@ for every seen class in it.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import numpy as np
 
-from ore.data.classes import TaskSplit
-from ore.data.records import ImageRecord
+from ore.data.classes import TaskSplit, load_task_split
+from ore.data.records import ImageRecord, load_split
 
 
 def select_exemplars(
@@ -45,9 +42,8 @@ def exemplar_sources(cfg) -> list[str]:
 
 
 def build_exemplar_list(cfg, per_class: int | None = None) -> list[str]:
-    from ore.data.classes import load_task_split
-    from ore.data.records import load_split
-
+    """The exemplar list of a finetune config (``EXEMPLARS.PER_CLASS`` images per class
+    unless ``per_class`` is given), drawn from :func:`exemplar_sources`."""
     split = load_task_split(cfg.DATASETS.CLASSES)
     task = split.check_task(cfg.OWOD.TASK)
     d = cfg.DATASETS
@@ -55,24 +51,3 @@ def build_exemplar_list(cfg, per_class: int | None = None) -> list[str]:
                for r in load_split(d.ROOT, name, split, d.FORMAT, d.IMAGE_DIR)]
     n = cfg.EXEMPLARS.PER_CLASS if per_class is None else per_class
     return select_exemplars(records, split, task, n, seed=cfg.SEED)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="the finetune config (task, classes, root)")
-    p.add_argument("--per-class", type=int, default=None,
-                   help="images per seen class (default: EXEMPLARS.PER_CLASS)")
-    p.add_argument("--output", required=True, help="ImageSets-style list file to write")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-
-
-def run(args: argparse.Namespace) -> int:
-    from ore.config import load_config
-    from ore.errors import OreError
-    from ore.fileio import atomic_write_text
-
-    if args.per_class is not None and args.per_class < 1:
-        raise OreError(f"--per-class {args.per_class} must be ≥ 1")
-    ids = build_exemplar_list(load_config(args.config, args.overrides), args.per_class)
-    out = atomic_write_text(Path(args.output), "".join(i + "\n" for i in ids))
-    print(f"{len(ids)} exemplar images → {out}")
-    return 0

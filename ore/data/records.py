@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("voc", "coco")
 ROLES = ("train", "finetune", "test")
+# The files a VOC image list's id may name: <id>.jpg, .jpeg or .png (or upper case).
+VOC_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _SAFE_ID = re.compile(r"^[\w.\-]+$")  # list ids name files inside the root: no separators
 
 
@@ -178,7 +180,7 @@ def parse_voc_xml(
 
 
 def _find_image(image_dir: Path, image_id: str) -> Path:
-    for ext in (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG"):
+    for ext in (*VOC_IMAGE_EXTENSIONS, *(e.upper() for e in VOC_IMAGE_EXTENSIONS)):
         p = image_dir / f"{image_id}{ext}"
         if p.is_file():
             return p
@@ -337,3 +339,19 @@ def apply_role(
         if keep.any():
             out.append(r.select(keep))
     return out
+
+
+def load_role_split(
+    root: str | Path, split_name: str, split: TaskSplit, task: int, role: str,
+    fmt: str = "voc", image_dir: str = "JPEGImages",
+) -> list[ImageRecord]:
+    """:func:`load_split` then :func:`apply_role`: a split as ``task`` sees it in ``role``."""
+    return apply_role(load_split(root, split_name, split, fmt, image_dir), split, task, role)
+
+
+def load_dataset_split(datasets_cfg, split_name: str, split: TaskSplit, task: int,
+                       role: str) -> list[ImageRecord]:
+    """:func:`load_role_split` with the root, format and image folder of a config's
+    ``DATASETS`` section."""
+    d = datasets_cfg
+    return load_role_split(d.ROOT, split_name, split, task, role, d.FORMAT, d.IMAGE_DIR)

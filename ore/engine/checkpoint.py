@@ -1,20 +1,70 @@
-"""Periodic checkpoints, written atomically, the newest K kept.
+"""Reading and writing weights: the package's one ``torch.load``, and periodic checkpoints.
 
-A checkpoint holds the model, optimiser, GradScaler, iteration, every process's random
-generator states, the class layout and the config. There is no scheduler state: the
-learning rate is a function of the iteration, so a new task never inherits old milestones.
+Every file of weights a user hands in (``MODEL.WEIGHTS``, ``MODEL.BACKBONE.WEIGHTS``,
+``ore detect --weights``, a checkpoint to resume from) is read by :func:`read_torch_file`
+with ``weights_only=True`` (no code in a file can run) and one error mapping: a missing
+or unreadable file is a one-line :class:`~ore.errors.OreError`.
+
+A periodic checkpoint holds the model, optimiser, GradScaler, iteration, every process's
+random generator states, the class layout and the config. There is no scheduler state:
+the learning rate is a function of the iteration, so a new task never inherits old
+milestones.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
+from omegaconf import DictConfig
+from torch import nn
 
+from ore.data.classes import TaskSplit
 from ore.errors import OreError
 from ore.fileio import atomic_save, atomic_write_text
+from ore.modeling.detector import OpenWorldRCNN, build_detector, load_detector_state
 
 LAST = "last_checkpoint"
+
+
+def read_torch_file(path: str | Path, *, kind: str = "checkpoint", setting: str = "") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU.
+
+    Args:
+        kind: what the file should be, for the message (``checkpoint``, ``state dict``).
+        setting: the key or flag that named the file, prefixed to every message.
+    """
+    lead = f"{setting}: " if setting else ""
+    if not Path(path).is_file():
+        raise OreError(f"{lead}file not found: {path}" if setting
+                       else f"weights file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - anything unreadable is the user's file
+        raise OreError(f"{lead}{path}: not a readable {kind} ({type(exc).__name__})") from None
+
+
+def read_trunk_weights(path: str | Path) -> Any:
+    """The contents of a ``MODEL.BACKBONE.WEIGHTS`` file (checked by the trunk loader)."""
+    return read_torch_file(path, kind="state dict", setting="MODEL.BACKBONE.WEIGHTS")
+
+
+def load_detector_weights(model: nn.Module, path: str | Path, split: TaskSplit) -> dict:
+    """Read a detector checkpoint and load it into ``model``; returns its meta."""
+    return load_detector_state(model, read_torch_file(path), split, str(path))
+
+
+def build_model(cfg: DictConfig, split: TaskSplit, weights: str | Path | None = None
+                ) -> OpenWorldRCNN:
+    """The detector of ``cfg`` with its pretrained trunk (``MODEL.BACKBONE.WEIGHTS``) and,
+    when given, a full detector checkpoint on top."""
+    trunk = cfg.MODEL.BACKBONE.WEIGHTS
+    model = build_detector(cfg, split, backbone_weights=read_trunk_weights(trunk) if trunk
+                           else None)
+    if weights is not None:
+        load_detector_weights(model, weights, split)
+    return model
 
 
 class Checkpointer:
@@ -56,10 +106,7 @@ class Checkpointer:
 
     @staticmethod
     def load(path: str | Path) -> dict:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - an unreadable file is the user's problem
-            raise OreError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+        obj = read_torch_file(path)
         if not isinstance(obj, dict) or "model" not in obj:
             raise OreError(f"{path}: not an ORE checkpoint (no 'model' entry)")
         return obj

@@ -7,7 +7,8 @@ trains on a GPU, gloo on the CPU). Each process then builds the same model, wrap
 never know about processes), reads its own share of every batch, and the gradients are
 averaged across processes in ``backward``. Only rank 0 writes files.
 
-Everything degrades to one process when ``WORLD_SIZE`` is unset or 1.
+Everything degrades to one process when ``WORLD_SIZE`` is unset or 1. The collectives
+the loops use (reductions, gathers, broadcasts) are :mod:`ore.contrastive.distributed`.
 """
 
 from __future__ import annotations
@@ -120,42 +121,3 @@ def wrap_model(model: nn.Module, device: torch.device, info: DistInfo) -> nn.Mod
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Mean over processes of a small tensor (a detached copy; ``values`` is untouched)."""
-    out = values.detach().clone()
-    if info.distributed:
-        dist.all_reduce(out)
-        out /= info.world_size
-    return out
-
-
-def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    out = values.detach().clone()
-    if info.distributed:
-        dist.all_reduce(out)
-    return out
-
-
-def gather_objects(obj, info: DistInfo) -> list:
-    """Every process's ``obj`` in rank order (on every process)."""
-    if not info.distributed:
-        return [obj]
-    out: list = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast_object(obj, info: DistInfo):
-    """Rank 0's ``obj`` on every process."""
-    if not info.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def barrier(info: DistInfo) -> None:
-    if info.distributed:
-        dist.barrier()

@@ -1,4 +1,4 @@
-"""``ore fit-energy``: collect RoI energies on a held-out split and fit the EBUI Weibulls.
+"""The energy fit: collect RoI energies on a held-out split and fit the EBUI Weibulls.
 
 The model runs backbone + RPN in eval mode on each image of the split (test role:
 objects of unseen classes are ``unknown``). Proposals, with the GT boxes appended as in
@@ -19,7 +19,6 @@ energy from the seen known classes' logits (``ore.modeling.energy``). Writes
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from pathlib import Path
@@ -27,6 +26,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from torchvision.ops import box_iou
+from tqdm import tqdm
+
+from ore.data.dataset import DetectionDataset, make_test_loader, split_bad
+from ore.data.records import list_path, load_dataset_split
+from ore.engine.inference import Predictor
+from ore.engine.layout import ENERGY_FIT, ENERGY_PLOT
+from ore.errors import OreError
+from ore.modeling.energy import energy
+from ore.modeling.fit_file import MODES, EnergyFit, fit_energies
+from ore.vis.plots import plot_energy
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +55,6 @@ def rois_energies(model, images: list[torch.Tensor], targets: list[dict], *, mod
     Returns:
         (s_known [Nk], s_unknown [Nu]) on the CPU.
     """
-    from torchvision.ops import box_iou
-
-    from ore.modeling.energy import energy
-
     heads = model.roi_heads
     image_list, targets = model.transform(images, targets)  # boxes follow the resize
     features = model.backbone(image_list.tensors)
@@ -81,15 +87,9 @@ def rois_energies(model, images: list[torch.Tensor], targets: list[dict], *, mod
     return s[~is_unknown], s[is_unknown]
 
 
-def collect_energies(predictor, split_name: str, *, mode: str, batch_size: int = 4,
+def collect_energies(predictor: Predictor, split_name: str, *, mode: str, batch_size: int = 4,
                      max_images: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Negated energies of the known and unknown RoI samples over ``split_name``."""
-    from tqdm import tqdm
-
-    from ore.data.dataset import DetectionDataset, make_test_loader, split_bad
-    from ore.data.records import apply_role, list_path, load_split
-    from ore.errors import OreError
-
     cfg, split, model = predictor.cfg, predictor.split, predictor.model
     d = cfg.DATASETS
     task = split.check_task(cfg.OWOD.TASK)
@@ -97,8 +97,7 @@ def collect_energies(predictor, split_name: str, *, mode: str, batch_size: int =
         where = list_path(Path(d.ROOT), split_name)
         raise OreError(f"energy fit split {split_name!r}: no list {where} "
                        "(set EBUI.FIT_SPLIT or --split)")
-    records = apply_role(load_split(d.ROOT, split_name, split, d.FORMAT, d.IMAGE_DIR),
-                         split, task, "test")
+    records = load_dataset_split(d, split_name, split, task, "test")
     if max_images > 0:
         records = records[:max_images]
     if not records:
@@ -122,12 +121,9 @@ def collect_energies(predictor, split_name: str, *, mode: str, batch_size: int =
 
 
 def fit_energy(cfg, weights: str, output: str | Path, *, split_name: str | None = None,
-               mode: str | None = None, batch_size: int = 4, max_images: int = 0):
+               mode: str | None = None, batch_size: int = 4, max_images: int = 0
+               ) -> EnergyFit:
     """Collect, fit, write ``energy_fit.json`` + ``energy.png``; returns the EnergyFit."""
-    from ore.engine.inference import Predictor
-    from ore.errors import OreError
-    from ore.modeling.energy import MODES, fit_energies, plot_energy
-
     mode = mode or cfg.EBUI.MODE
     if mode not in MODES:
         raise OreError(f"EBUI.MODE / --mode: {mode!r}; expected one of {MODES}")
@@ -148,37 +144,6 @@ def fit_energy(cfg, weights: str, output: str | Path, *, split_name: str | None 
     fit.extra = {"split": split_name, "task": task, "weights": str(weights),
                  "collect_seconds": round(t1 - t0, 3), "fit_seconds": round(t2 - t1, 3)}
     out = Path(output)
-    fit.save(out / "energy_fit.json")
-    plot_energy(known, unknown, fit, out / "energy.png")
+    fit.save(out / ENERGY_FIT)
+    plot_energy(known, unknown, fit, out / ENERGY_PLOT)
     return fit
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="the config the weights were trained with")
-    p.add_argument("--weights", required=True, help="detector checkpoint (ORE head)")
-    p.add_argument("--split", help="held-out list (default: EBUI.FIT_SPLIT)")
-    p.add_argument("--mode", choices=("labelled", "pseudo"),
-                   help="what counts as unknown (default: EBUI.MODE)")
-    p.add_argument("--output", required=True, help="folder for energy_fit.json and energy.png")
-    p.add_argument("--max-images", type=int, default=0, help="use the first N images (0 = all)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-
-
-def run(args: argparse.Namespace) -> int:
-    from ore.config import load_config
-    from ore.errors import OreError
-
-    if args.batch_size < 1:
-        raise OreError(f"--batch-size {args.batch_size} must be ≥ 1")
-    cfg = load_config(args.config, args.overrides)
-    fit = fit_energy(cfg, args.weights, args.output, split_name=args.split, mode=args.mode,
-                     batch_size=args.batch_size, max_images=args.max_images)
-    for key in ("known", "unknown"):
-        w = getattr(fit, key)
-        print(f"{key:<8} {fit.counts[key]:>7} samples  shape {w.shape:.4g}  loc {w.loc:.4g}  "
-              f"scale {w.scale:.4g}  log-likelihood {fit.log_likelihood[key]:.1f}")
-    print(f"wrote {Path(args.output) / 'energy_fit.json'} and energy.png "
-          f"(T={fit.temperature:g}, mode {fit.mode}; use EBUI.ENABLED=true "
-          f"EBUI.FIT_FILE=… EBUI.TEMPERATURE={fit.temperature:g})")
-    return 0

@@ -10,13 +10,13 @@ from omegaconf import DictConfig
 
 from ore.data.classes import TaskSplit, load_task_split
 from ore.data.dataset import image_to_tensor
-from ore.engine.trainer import resolve_device
-from ore.modeling.detector import build_detector, load_detector_weights
+from ore.engine.checkpoint import build_model
+from ore.engine.runtime import resolve_device
 
 
 @dataclass
-class Detections:
-    """Detections of one image in its pixel coordinates (0-based xyxy)."""
+class ImageDetections:
+    """A predictor's detections of one image in its pixel coordinates (0-based xyxy)."""
 
     boxes: np.ndarray  # float32 [D, 4]
     labels: np.ndarray  # int64 [D], SPEC §2 layout
@@ -37,24 +37,23 @@ class Predictor:
         self.cfg = cfg
         self.split: TaskSplit = load_task_split(cfg.DATASETS.CLASSES)
         self.device = resolve_device(cfg.DEVICE)
-        self.model = build_detector(cfg, self.split)
-        load_detector_weights(self.model, weights, self.split)
+        self.model = build_model(cfg, self.split, weights)
         if score_thresh is not None:
             self.model.roi_heads.score_thresh = float(score_thresh)
         self.model.to(self.device).eval()
 
     @torch.inference_mode()
-    def predict_tensors(self, images: list[torch.Tensor]) -> list[Detections]:
+    def predict_tensors(self, images: list[torch.Tensor]) -> list[ImageDetections]:
         outputs = self.model([im.to(self.device) for im in images])
         names = self.split.label_names
         result = []
         for o in outputs:
             labels = o["labels"].cpu().numpy().astype(np.int64)
-            result.append(Detections(
+            result.append(ImageDetections(
                 boxes=o["boxes"].float().cpu().numpy(), labels=labels,
                 scores=o["scores"].float().cpu().numpy(), names=[names[i] for i in labels],
             ))
         return result
 
-    def predict(self, images_rgb: list[np.ndarray]) -> list[Detections]:
+    def predict(self, images_rgb: list[np.ndarray]) -> list[ImageDetections]:
         return self.predict_tensors([image_to_tensor(im) for im in images_rgb])

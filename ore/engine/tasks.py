@@ -1,29 +1,47 @@
-"""``ore run-tasks``: the whole incremental schedule, task by task, resumable.
+"""The incremental schedule of ``ore run-tasks``: task by task, resumable.
 
 For each task t (configs ``tN_train.yaml`` and optional ``tN_ft.yaml`` in one folder):
 train (from task t−1's final weights, prototypes included), build the balanced exemplar
 list and finetune on it, then evaluate on ``DATASETS.TEST`` before and after the
 finetune. With the ORE head (and ``EBUI.RUN_TASKS``), the energy of the task's final model
-is fitted on ``EBUI.FIT_SPLIT`` (``<stage>/energy/``) and the model evaluated again with
-EBUI on (``<stage>/eval_ebui.json``, the summary's ``ebui`` entry). Every step writes
-into ``<output>/tN_train`` / ``<output>/tN_ft``; a step whose result exists is skipped
-and an interrupted training resumes from its last checkpoint.
+is fitted on ``EBUI.FIT_SPLIT`` and the model evaluated again with EBUI on (the summary's
+``ebui`` entry). Every step writes into the run folder (:mod:`ore.engine.layout`); a step
+whose result exists is skipped and an interrupted training resumes from its last
+checkpoint.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
 
+from omegaconf import DictConfig
+
+from ore.config import CONFIG_ROOT, load_config
+from ore.data.exemplars import build_exemplar_list
+from ore.engine.energy_fit import fit_energy
+from ore.engine.evaluate import evaluate_model
+from ore.engine.inference import Predictor
+from ore.engine.layout import ENERGY_FIT, STAGES, RunLayout, task_key
+from ore.engine.trainer import Trainer
+from ore.errors import OreError
+from ore.evaluation.evaluator import RESULT_KEYS
+from ore.fileio import atomic_write_json, atomic_write_text
+
 _TASK_FILE = re.compile(r"^t(\d+)_(train|ft)\.yaml$")
+
+
+def find_config_dir(name: str | Path) -> Path:
+    """A folder of task configs: as given, or one shipped with the package (``toy``)."""
+    config_dir = Path(name)
+    if not config_dir.is_dir() and (CONFIG_ROOT / name).is_dir():
+        return CONFIG_ROOT / name
+    return config_dir
 
 
 def discover_tasks(config_dir: Path) -> list[tuple[int, Path, Path | None]]:
     """``[(t, tN_train.yaml, tN_ft.yaml or None), …]`` in task order."""
-    from ore.errors import OreError
-
     if not config_dir.is_dir():
         raise OreError(f"config folder not found: {config_dir}")
     found: dict[int, dict[str, Path]] = {}
@@ -43,12 +61,7 @@ def discover_tasks(config_dir: Path) -> list[tuple[int, Path, Path | None]]:
     return tasks
 
 
-def _evaluate(cfg, weights: Path, out_file: Path) -> dict:
-    from ore.engine.evaluate import evaluate_model
-    from ore.engine.inference import Predictor
-    from ore.evaluation.evaluator import RESULT_KEYS
-    from ore.fileio import atomic_write_json
-
+def _evaluate(cfg: DictConfig, weights: Path, out_file: Path) -> dict:
     if out_file.is_file():
         return json.loads(out_file.read_text())
     result, _ = evaluate_model(Predictor(cfg, str(weights)), cfg.DATASETS.TEST, details=False)
@@ -59,25 +72,22 @@ def _evaluate(cfg, weights: Path, out_file: Path) -> dict:
 
 def _fit_and_evaluate_ebui(config_file: Path, overrides: list[str], stage_dir: Path,
                            weights: Path, evaluate: bool) -> dict | None:
-    """Fit the energy of a task's final model (``<stage>/energy/``) and, with ``evaluate``,
-    evaluate it with EBUI on (``<stage>/eval_ebui.json``)."""
-    from ore.config import load_config
-    from ore.engine.energy_fit import fit_energy
-
-    fit_file = stage_dir / "energy" / "energy_fit.json"
+    """Fit the energy of a task's final model (its stage's energy folder) and, with
+    ``evaluate``, evaluate it with EBUI on."""
+    fit_file = RunLayout.energy_dir(stage_dir) / ENERGY_FIT
     if not fit_file.is_file():
         fit_energy(load_config(config_file, overrides), str(weights), fit_file.parent)
     if not evaluate:
         return None
     cfg = load_config(config_file, [*overrides, "EBUI.ENABLED=true", f"EBUI.FIT_FILE={fit_file}"])
-    return _evaluate(cfg, weights, stage_dir / "eval_ebui.json")
+    return _evaluate(cfg, weights, RunLayout.ebui_eval_file(stage_dir))
 
 
 def scaled_iterations(n: int, scale: float) -> int:
     return max(1, round(n * scale))
 
 
-def schedule_overrides(cfg, scale: float) -> list[str]:
+def schedule_overrides(cfg: DictConfig, scale: float) -> list[str]:
     """Overrides that multiply every iteration count of ``cfg`` by ``scale``."""
     if scale == 1.0:
         return []
@@ -92,18 +102,23 @@ def schedule_overrides(cfg, scale: float) -> list[str]:
     ]
 
 
+def planned_iterations(config_dir: Path, overrides: list[str] = (), scale: float = 1.0
+                       ) -> int:
+    """Training iterations of one run over every task config (as :func:`run_tasks` scales)."""
+    total = 0
+    for _, train, ft in discover_tasks(config_dir):
+        for f in (train, ft):
+            if f is not None:
+                total += scaled_iterations(load_config(f, overrides).SOLVER.MAX_ITER, scale)
+    return total
+
+
 def run_tasks(config_dir: str | Path, output: str | Path, overrides: list[str] = (),
               evaluate: bool = True, schedule_scale: float = 1.0) -> dict:
     """Run every task; returns ``{"t1": {"train": metrics, "ft": metrics|None,
     "ebui": metrics|None}, …}``; ``ebui`` is the task's final model (finetuned when there
     is a finetune) with the energy-based unknown identifier on. ``schedule_scale``
     multiplies every iteration count (a quick run: 0.1; more data: > 1)."""
-    from ore.config import load_config
-    from ore.data.exemplars import build_exemplar_list
-    from ore.engine.trainer import Trainer
-    from ore.errors import OreError
-    from ore.fileio import atomic_write_json, atomic_write_text
-
     if schedule_scale <= 0:
         raise OreError(f"schedule scale {schedule_scale} must be > 0")
 
@@ -111,7 +126,7 @@ def run_tasks(config_dir: str | Path, output: str | Path, overrides: list[str] =
         ovs = [*overrides, *extra]
         return [*ovs, *schedule_overrides(load_config(file, ovs), schedule_scale)]
 
-    out = Path(output)
+    run = RunLayout(Path(output))
     summary: dict = {}
     prev: Path | None = None
     for t, train_file, ft_file in discover_tasks(Path(config_dir)):
@@ -119,19 +134,19 @@ def run_tasks(config_dir: str | Path, output: str | Path, overrides: list[str] =
         cfg = load_config(train_file, train_overrides)
         if cfg.OWOD.TASK != t:
             raise OreError(f"{train_file}: OWOD.TASK is {cfg.OWOD.TASK}, expected {t}")
-        final = Trainer(cfg, out / f"t{t}_train", resume=True).run()
-        summary[f"t{t}"] = {"train": None, "ft": None, "ebui": None}
+        final = Trainer(cfg, run.stage_dir(t, "train"), resume=True).run()
+        stages = summary[task_key(t)] = {"train": None, "ft": None, "ebui": None}
         if evaluate:
-            summary[f"t{t}"]["train"] = _evaluate(cfg, final, out / f"t{t}_train" / "eval.json")
+            stages["train"] = _evaluate(cfg, final, run.eval_file(t, "train"))
         if ft_file is not None:
-            ft_dir = out / f"t{t}_ft"
+            ft_dir = run.stage_dir(t, "ft")
             ft_overrides = scaled(ft_file, [f"MODEL.WEIGHTS={final}"])
             ft_cfg = load_config(ft_file, ft_overrides)
             if ft_cfg.OWOD.TASK != t:
                 raise OreError(f"{ft_file}: OWOD.TASK is {ft_cfg.OWOD.TASK}, expected {t}")
             if ft_cfg.EXEMPLARS.BUILD:
                 # The chosen images are kept next to the finetuned checkpoint.
-                list_file = ft_dir / "exemplars.txt"
+                list_file = run.exemplar_list(t)
                 if not list_file.is_file():
                     ids = build_exemplar_list(ft_cfg)
                     atomic_write_text(list_file, "".join(i + "\n" for i in ids))
@@ -139,16 +154,15 @@ def run_tasks(config_dir: str | Path, output: str | Path, overrides: list[str] =
                 ft_cfg = load_config(ft_file, ft_overrides)
             final = Trainer(ft_cfg, ft_dir, resume=True).run()
             if evaluate:
-                summary[f"t{t}"]["ft"] = _evaluate(ft_cfg, final, ft_dir / "eval.json")
+                stages["ft"] = _evaluate(ft_cfg, final, run.eval_file(t, "ft"))
             last = (ft_file, ft_overrides, ft_dir)
         else:
-            last = (train_file, train_overrides, out / f"t{t}_train")
+            last = (train_file, train_overrides, run.stage_dir(t, "train"))
         if cfg.EBUI.RUN_TASKS and cfg.MODEL.ROI_HEADS.NAME == "ore":
             # EBUI on the task's final model: fit on the held-out split, then evaluate with it.
-            result = _fit_and_evaluate_ebui(*last, final, evaluate)
-            summary[f"t{t}"]["ebui"] = result
+            stages["ebui"] = _fit_and_evaluate_ebui(*last, final, evaluate)
         prev = final
-    atomic_write_json(out / "summary.json", summary)
+    run.write_summary(summary)
     return summary
 
 
@@ -160,7 +174,7 @@ def format_summary(summary: dict) -> str:
               f"{'WI@0.8':>9}{'A-OSE':>8}")
     lines = [header, "-" * len(header)]
     for task, stages in summary.items():
-        for stage in ("train", "ft", "ebui"):
+        for stage in STAGES:
             r = stages.get(stage)
             if r is None:
                 continue
@@ -171,28 +185,3 @@ def format_summary(summary: dict) -> str:
                 f"{f(r['a_ose']):>8}"
             )
     return "\n".join(lines)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--configs", required=True,
-                   help="folder with t1_train.yaml, t2_train.yaml, t2_ft.yaml, …")
-    p.add_argument("--output", required=True, help="run folder (one sub-folder per step)")
-    p.add_argument("--no-eval", action="store_true", help="train only")
-    p.add_argument("--schedule-scale", type=float, default=1.0,
-                   help="multiply every iteration count (e.g. 0.2 for a quick look)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="overrides for every task, e.g. MODEL.ROI_HEADS.NAME=standard")
-
-
-def run(args: argparse.Namespace) -> int:
-    from ore.config import CONFIG_ROOT
-
-    config_dir = Path(args.configs)
-    if not config_dir.is_dir() and (CONFIG_ROOT / args.configs).is_dir():
-        config_dir = CONFIG_ROOT / args.configs
-    summary = run_tasks(config_dir, args.output, args.overrides, evaluate=not args.no_eval,
-                        schedule_scale=args.schedule_scale)
-    if not args.no_eval:
-        print(format_summary(summary))
-    print(f"results in {args.output}/summary.json")
-    return 0

@@ -15,9 +15,7 @@ Mixed precision (``SOLVER.AMP``): ``bf16`` autocasts the forward pass on CUDA or
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import random
 import time
 from pathlib import Path
 
@@ -27,94 +25,33 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from ore.config import config_to_yaml
+from ore.contrastive import distributed as collective
 from ore.data.classes import TaskSplit, load_task_split
 from ore.data.dataset import DetectionDataset, TrainTransform, make_train_loader, split_bad
-from ore.data.records import apply_role, load_split
+from ore.data.records import load_dataset_split
 from ore.engine import distributed as ddp
-from ore.engine.checkpoint import Checkpointer
+from ore.engine.checkpoint import Checkpointer, build_model
+from ore.engine.layout import CONFIG, FINAL
+from ore.engine.metrics_log import FILE as METRICS_FILE
+from ore.engine.metrics_log import MetricsLog, truncate_metrics
+from ore.engine.runtime import (
+    amp_dtype,
+    get_rng_state,
+    lr_at,
+    resolve_device,
+    seed_everything,
+    set_rng_state,
+)
 from ore.errors import OreError
 from ore.fileio import atomic_save, atomic_write_text
-from ore.modeling.detector import build_detector, checkpoint_meta, load_detector_weights
+from ore.modeling.detector import checkpoint_meta, load_detector_state
 
 log = logging.getLogger(__name__)
-FINAL = "model_final.pth"
-AMP_MODES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise OreError(f"DEVICE: {name!r} requested but CUDA is not available")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise OreError(f"DEVICE: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
-
-
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-
-
-def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``SOLVER.AMP`` on ``device`` (None = full precision)."""
-    if mode not in AMP_MODES:
-        raise OreError(f"SOLVER.AMP: {mode!r}; expected one of {sorted(AMP_MODES)}")
-    if mode == "fp16" and device.type != "cuda":
-        raise OreError(f"SOLVER.AMP: fp16 needs a CUDA device, this run uses {device}; "
-                       "use bf16 (CPU autocast) or off")
-    return AMP_MODES[mode]
-
-
-def get_rng_state() -> dict:
-    """Every random generator a training process draws from (checkpoint-safe types only)."""
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        # numpy's MT19937 keys as a tensor: checkpoints load with weights_only=True,
-        # which refuses numpy arrays.
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                  "cached_gaussian": float(np_state[4])},
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        s = state["numpy"]
-        np.random.set_state(("MT19937", s["keys"].numpy().astype(np.uint32), s["pos"],
-                             s["has_gauss"], s["cached_gaussian"]))
-    if "python" in state:
-        version, internal, gauss = state["python"]
-        random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def lr_at(cfg: DictConfig, iteration: int) -> float:
-    """Linear warmup from BASE_LR·WARMUP_FACTOR, then ×GAMMA at each of STEPS."""
-    s = cfg.SOLVER
-    factor = s.GAMMA ** sum(iteration >= step for step in s.STEPS)
-    if iteration < s.WARMUP_ITERS:
-        alpha = iteration / s.WARMUP_ITERS
-        factor *= s.WARMUP_FACTOR * (1 - alpha) + alpha
-    return s.BASE_LR * factor
 
 
 def build_train_dataset(cfg: DictConfig, split: TaskSplit) -> DetectionDataset:
     d = cfg.DATASETS
-    records = load_split(d.ROOT, d.TRAIN, split, d.FORMAT, d.IMAGE_DIR)
-    records = apply_role(records, split, cfg.OWOD.TASK, d.TRAIN_ROLE)
+    records = load_dataset_split(d, d.TRAIN, split, cfg.OWOD.TASK, d.TRAIN_ROLE)
     if not records:
         raise OreError(
             f"DATASETS.TRAIN {d.TRAIN!r} under {d.ROOT} has no image with a target after "
@@ -140,7 +77,7 @@ class Trainer:
 
     def _state(self, model, optimizer, scaler, iteration: int) -> dict:
         # Every process's generators, so that each continues its own stream on resume.
-        rng = ddp.gather_objects(get_rng_state(), self.dist)
+        rng = collective.gather_objects(get_rng_state())
         return {
             "model": ddp.unwrap(model).state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -169,9 +106,7 @@ class Trainer:
         seed_everything(cfg.SEED, cfg.DETERMINISTIC)
         dataset = build_train_dataset(cfg, self.split)
         # Built from the same seed in every process (DDP also broadcasts rank 0's weights).
-        model = build_detector(cfg, self.split)
-        if cfg.MODEL.WEIGHTS:
-            load_detector_weights(model, cfg.MODEL.WEIGHTS, self.split)
+        model = build_model(cfg, self.split, cfg.MODEL.WEIGHTS or None)
         model.to(device).train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(
@@ -184,10 +119,10 @@ class Trainer:
             torch.manual_seed(cfg.SEED + info.rank)
         start, rng_state = 0, None
         last = self.checkpointer.latest() if self.resume else None
-        last = ddp.broadcast_object(last, info)  # every process resumes from the same file
+        last = collective.broadcast_object(last)  # every process resumes from the same file
         if last is not None:
-            state = Checkpointer.load(last)
-            load_detector_weights(model, str(last), self.split)
+            state = Checkpointer.load(last)  # read once: weights, optimiser, RNG, iteration
+            load_detector_state(model, state, self.split, str(last))
             optimizer.load_state_dict(state["optimizer"])
             if state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
@@ -197,8 +132,8 @@ class Trainer:
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.checkpointer.remove_stale_temporaries()
-            atomic_write_text(self.out / "config.yaml", config_to_yaml(cfg))
-            _truncate_metrics(self.out / "metrics.jsonl", start)
+            atomic_write_text(self.out / CONFIG, config_to_yaml(cfg))
+            truncate_metrics(self.out / METRICS_FILE, start)
         model = ddp.wrap_model(model, device, info)
         self._loop(model, optimizer, scaler, dataset, batch, dtype, start, rng_state)
         if info.is_main:
@@ -208,7 +143,7 @@ class Trainer:
                  "config": OmegaConf.to_container(cfg)},
                 final,
             )
-        ddp.barrier(self.dist)
+        collective.barrier()
         return final
 
     def _rng_for_this_process(self, state: dict, start: int) -> dict | None:
@@ -246,7 +181,7 @@ class Trainer:
             set_rng_state(rng_state)
         autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None
                     else contextlib.nullcontext())
-        metrics = open(self.out / "metrics.jsonl", "a") if info.is_main else None
+        metrics = MetricsLog(self.out / METRICS_FILE) if info.is_main else None
         with bar, metrics or contextlib.nullcontext():
             for iteration in range(start, max_iter):
                 t0 = time.perf_counter()
@@ -254,8 +189,8 @@ class Trainer:
                 data_time += time.perf_counter() - t0
                 # Every process must take part in every step: if any has nothing left
                 # after skipping bad images, all skip this iteration.
-                sizes = ddp.all_reduce_sum(
-                    torch.tensor([len(batch), int(not batch)], device=device), info)
+                sizes = collective.all_reduce_sum(
+                    torch.tensor([len(batch), int(not batch)], device=device))
                 if not int(sizes[1]):
                     logged = self._step(model, optimizer, scaler, autocast, batch, iteration)
                     images_seen += int(sizes[0])
@@ -277,8 +212,7 @@ class Trainer:
                     row["images_per_s"] = images_seen / max(now - t_last, 1e-9)
                     row["data_time"] = data_time
                     row.update(counters)
-                    metrics.write(json.dumps(row) + "\n")
-                    metrics.flush()
+                    metrics.write(row)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2g}")
                 if log_now:
                     window.clear()
@@ -292,7 +226,7 @@ class Trainer:
     def _step(self, model, optimizer, scaler, autocast, batch: list, iteration: int) -> dict:
         """One SGD step on this process's ``batch``; returns the losses averaged over
         processes (``loss`` is their sum)."""
-        cfg, info, device = self.cfg, self.dist, self.device
+        cfg, device = self.cfg, self.device
         images = [b[0].to(device, non_blocking=True) for b in batch]
         targets = [{k: v.to(device) for k, v in b[1].items()} for b in batch]
         for group in optimizer.param_groups:
@@ -302,8 +236,8 @@ class Trainer:
         names = sorted(losses)
         total = sum(losses[k].float() for k in names)
         # A non-finite loss in any process stops every process at the same iteration.
-        logged = ddp.all_reduce_mean(
-            torch.stack([losses[k].detach().float() for k in names] + [total.detach()]), info
+        logged = collective.all_reduce_mean(
+            torch.stack([losses[k].detach().float() for k in names] + [total.detach()])
         ).tolist()
         if not np.isfinite(logged[-1]):
             good = self.checkpointer.latest()
@@ -323,28 +257,3 @@ class Trainer:
         scaler.step(optimizer)
         scaler.update()
         return dict(zip([*names, "loss"], logged))
-
-
-def _truncate_metrics(path: Path, start: int) -> None:
-    """Drop rows a resumed run will write again (those after its checkpoint).
-
-    A line cut short by a killed process is dropped too.
-    """
-    if not path.is_file():
-        return
-    if start == 0:
-        path.unlink()
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and row.get("iter", 0) <= start:
-            keep.append(line)
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
-from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
@@ -125,23 +125,15 @@ def trunk_out_channels(arch: str) -> int:
     return STAGE_CHANNELS[arch][-1]
 
 
-def load_trunk_weights(trunk: nn.Module, path: str | Path) -> None:
-    """Load a trunk state dict from ``path`` into ``trunk`` with strict key checking.
+def load_trunk_state(trunk: nn.Module, obj: Any, source: str) -> None:
+    """Load trunk weights ``obj`` (as read from the file ``source``) with strict key checks.
 
     Accepts a plain state dict or a dict with the state dict under ``"model"`` /
     ``"state_dict"`` / ``"backbone"``; keys may carry a ``backbone.body.`` or ``module.``
     prefix. A classifier (``fc.*``) or projection head (``head.*``, ``projector.*``) is
     ignored; any other missing or unexpected key is an error.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise OreError(f"MODEL.BACKBONE.WEIGHTS: file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the user's file
-        raise OreError(
-            f"MODEL.BACKBONE.WEIGHTS: {path} is not a readable state dict ({type(exc).__name__})"
-        ) from None
+    path = source
     for key in ("backbone", "state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -191,19 +183,23 @@ def build_fpn_backbone(
     *,
     arch: str,
     norm: str = "BN",
-    weights: str | None = None,
+    weights: Any = None,
+    weights_source: str = "",
     trainable_layers: int = 5,
     returned_stages: tuple[int, ...] = (1, 2, 3, 4),
     out_channels: int = 256,
 ) -> BackboneWithFPN:
     """A trunk with a feature pyramid on the chosen stages plus a max-pooled top level.
 
+    ``weights`` are trunk weights already read from the file ``weights_source`` (see
+    :func:`load_trunk_state`), loaded before stages are frozen.
+
     Feature maps are named ``"0"``, ``"1"``, … in stage order and ``"pool"`` for the
     extra level, as torchvision's detection heads expect.
     """
     trunk = build_trunk(arch, norm)
-    if weights:
-        load_trunk_weights(trunk, weights)
+    if weights is not None:
+        load_trunk_state(trunk, weights, weights_source)
     freeze_stages(trunk, arch, trainable_layers)
     if not returned_stages or any(s not in (1, 2, 3, 4) for s in returned_stages):
         raise OreError(f"MODEL.BACKBONE.RETURNED_STAGES: {returned_stages} must be in 1..4")

@@ -22,8 +22,9 @@ nothing.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from ore.contrastive.distributed import all_gather_rows
 
 
 def clustering_loss(
@@ -47,29 +48,6 @@ def clustering_loss(
         per_pair = torch.where(own, dist_, (margin - dist_).clamp(min=0))
         per_pair = per_pair * valid.to(per_pair.dtype)  # classes without a prototype drop out
         return per_pair.sum(dim=1).mean()
-
-
-def _gather_from_all_ranks(features: torch.Tensor, labels: torch.Tensor):
-    """Features [N, D] and labels [N] of every process, concatenated in rank order."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return features, labels
-    world = dist.get_world_size()
-    size = torch.tensor([len(labels)], device=labels.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    m = int(torch.stack(sizes).max())
-    # all_gather needs equal shapes: pad, then drop the padding (label −1).
-    f = features.new_zeros(m, features.shape[1])
-    f[: len(features)] = features
-    lab = labels.new_full((m,), -1)
-    lab[: len(labels)] = labels
-    fs, ls = [torch.empty_like(f) for _ in range(world)], [torch.empty_like(lab) for _ in
-                                                          range(world)]
-    dist.all_gather(fs, f)
-    dist.all_gather(ls, lab)
-    f, lab = torch.cat(fs), torch.cat(ls)
-    keep = lab >= 0
-    return f[keep], lab[keep]
 
 
 class PrototypeStore(nn.Module):
@@ -104,7 +82,7 @@ class PrototypeStore(nn.Module):
     def enqueue(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Push features [N, D] into the queues of their class rows [N] (oldest overwritten);
         under ``torch.distributed`` the features of every process."""
-        features, labels = _gather_from_all_ranks(features, labels)
+        features, labels = all_gather_rows(features, labels)
         q = self.items_per_class
         for c in labels.unique().tolist():  # a loop over classes present, not over features
             f = features[labels == c][-q:].to(self.queue.dtype)

@@ -10,6 +10,7 @@ time, so they get no gradient and never win. The standard (closed-set) head keep
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -98,9 +99,17 @@ class OpenWorldRCNN(GeneralizedRCNN):
         return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
 
 
-def build_detector(cfg: DictConfig, split: TaskSplit) -> OpenWorldRCNN:
-    """A Faster R-CNN for ``split`` from ``cfg`` (the caller loads any checkpoint)."""
+def build_detector(cfg: DictConfig, split: TaskSplit, *, backbone_weights: Any = None
+                   ) -> OpenWorldRCNN:
+    """A Faster R-CNN for ``split`` from ``cfg``.
+
+    ``backbone_weights`` are the contents of ``MODEL.BACKBONE.WEIGHTS``, read by the caller
+    (:func:`ore.engine.checkpoint.build_model` reads the files and loads any checkpoint).
+    """
     m = cfg.MODEL
+    if m.BACKBONE.WEIGHTS and backbone_weights is None:
+        raise ValueError("MODEL.BACKBONE.WEIGHTS is set: pass the weights read from it as "
+                         "backbone_weights")
     if m.BACKBONE.NAME not in BACKBONES:
         raise OreError(
             f"MODEL.BACKBONE.NAME: unknown backbone {m.BACKBONE.NAME!r}; "
@@ -112,7 +121,8 @@ def build_detector(cfg: DictConfig, split: TaskSplit) -> OpenWorldRCNN:
         raise OreError(f"OWOD.UNK_SOURCE: {cfg.OWOD.UNK_SOURCE!r}; expected one of {UNK_SOURCES}")
     stages = tuple(m.BACKBONE.RETURNED_STAGES)
     backbone = build_fpn_backbone(
-        arch=BACKBONES[m.BACKBONE.NAME], norm=m.BACKBONE.NORM, weights=m.BACKBONE.WEIGHTS or None,
+        arch=BACKBONES[m.BACKBONE.NAME], norm=m.BACKBONE.NORM, weights=backbone_weights,
+        weights_source=m.BACKBONE.WEIGHTS,
         trainable_layers=m.BACKBONE.TRAINABLE_LAYERS, returned_stages=stages,
         out_channels=m.BACKBONE.FPN_CHANNELS,
     )
@@ -194,18 +204,14 @@ def checkpoint_meta(cfg: DictConfig, split: TaskSplit) -> dict:
     }
 
 
-def load_detector_weights(model: nn.Module, path: str, split: TaskSplit) -> dict:
-    """Load a detector checkpoint (``{"model": state_dict, "meta": …}``) into ``model``.
+def load_detector_state(model: nn.Module, ckpt: Any, split: TaskSplit, source: str) -> dict:
+    """Load a detector checkpoint (``{"model": state_dict, "meta": …}``, read from the file
+    ``source``) into ``model``.
 
     The class layout must match; the active-class mask is set by the config, not the file.
     Returns the checkpoint's meta.
     """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise OreError(f"weights file not found: {path}") from None
-    except Exception as exc:  # noqa: BLE001 - anything unreadable is the user's file
-        raise OreError(f"{path}: not a readable checkpoint ({type(exc).__name__})") from None
+    path = source
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise OreError(f"{path}: not an ORE detector checkpoint (no 'model' state dict)")
     meta = ckpt.get("meta") or {}

@@ -7,182 +7,32 @@ same schedule) and writes, into one output folder:
 - ``report.md`` and the ``report_*.png`` files it shows, next to it;
 - ``metrics.json``: ``{"ore": summary, "baseline": summary, "final_stage": …, "targets": …}``.
 
-A run's ``summary.json`` maps ``"tN"`` to ``{stage: metrics | None}``; the figures that
-stand for a task are those of its last stage (:func:`final_stage`). Every file is written
-atomically (:mod:`ore.fileio`), so a reader never sees half a report.
+Every file is written atomically (:mod:`ore.fileio`), so a reader never sees half a report.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import io
-import json
 import logging
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
-from ore.data.classes import TOY_NEVER_INTRODUCED, TOY_TASKS, UNKNOWN
+from ore.data.classes import TOY_NEVER_INTRODUCED, TOY_TASKS
+from ore.demo.figures import (
+    DRAW_SCORE_THRESH,
+    plot_losses,
+    plot_metrics_over_tasks,
+    render_samples,
+)
+from ore.demo.targets import METRICS, TARGET_LABELS, evaluate_targets, metric_value
+from ore.engine.layout import ENERGY_PLOT, RunLayout, final_metrics, final_stage, task_number
 from ore.errors import OreError
 from ore.fileio import atomic_write, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-# A task's stages in the order they run; the last one present gives the task's figures.
-STAGES = ("train", "ft", "ebui")
-# The issue's targets on the toy world.
-U_RECALL_MIN = 20.0  # percent
-KNOWN_MAP_RATIO_MIN = 0.9  # ORE's known mAP (both) over the baseline's
-DRAW_SCORE_THRESH = 0.3  # detections drawn on the sample images (readability)
-
-ORE_COLOR, BASELINE_COLOR = "#1f6feb", "#8c8c8c"
-
-
-@dataclass(frozen=True)
-class Metric:
-    """One column of the results table: a key of the evaluator's result (``wi`` → WI@0.8)."""
-
-    key: str
-    label: str
-    higher_is_better: bool
-    digits: int
-
-
-METRICS = (
-    Metric("known_mAP_prev", "Known mAP (previously known)", True, 1),
-    Metric("known_mAP_current", "Known mAP (current)", True, 1),
-    Metric("known_mAP_both", "Known mAP (both)", True, 1),
-    Metric("unknown_recall", "U-Recall", True, 1),
-    Metric("wi", "WI@0.8", False, 4),
-    Metric("a_ose", "A-OSE", False, 0),
-    Metric("udr", "UDR", True, 1),
-    Metric("udp", "UDP", True, 1),
-)
-
-
-# --- reading runs -------------------------------------------------------------------------
-
-def final_stage(stages: dict | None) -> str | None:
-    """The stage whose figures stand for a task: the last of :data:`STAGES` with results.
-
-    ``"ebui"`` when present, else ``"ft"``, else ``"train"``; ``None`` when no stage has
-    figures. Stages with another name are ignored.
-    """
-    for stage in reversed(STAGES):
-        if (stages or {}).get(stage) is not None:
-            return stage
-    return None
-
-
-def final_metrics(stages: dict | None) -> dict | None:
-    stage = final_stage(stages)
-    return None if stage is None else stages[stage]
-
-
-def metric_value(metrics: dict | None, key: str):
-    """A figure of one evaluation result (``None`` when undefined or missing)."""
-    if metrics is None:
-        return None
-    if key == "wi":
-        return (metrics.get("wilderness_impact") or {}).get("0.8")
-    return metrics.get(key)
-
-
-def _task_number(name: str) -> int:
-    m = re.fullmatch(r"t(\d+)", name)
-    if not m:
-        raise OreError(f"summary.json: key {name!r} is not a task (expected t1, t2, …)")
-    return int(m.group(1))
-
-
-def load_summary(run_dir: str | Path) -> dict:
-    """``<run_dir>/summary.json`` with its tasks in task order."""
-    path = Path(run_dir) / "summary.json"
-    if not path.is_file():
-        raise OreError(f"run summary not found: {path} (written by `ore run-tasks`)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise OreError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise OreError(f"{path}: expected {{'t1': {{'train': …, 'ft': …}}, …}}")
-    return dict(sorted(data.items(), key=lambda kv: _task_number(kv[0])))
-
-
-def read_losses(path: Path) -> list[dict]:
-    """Rows of a trainer's ``metrics.jsonl`` that have ``iter`` and ``loss`` (others skipped)."""
-    rows = []
-    if not path.is_file():
-        return rows
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-        if isinstance(row, dict) and "iter" in row and "loss" in row:
-            rows.append(row)
-    return rows
-
-
-# --- targets ------------------------------------------------------------------------------
-
-def _target(value, passed, **extra) -> dict:
-    return {"value": value, "pass": passed, **extra}
-
-
-def evaluate_targets(ore: dict, baseline: dict) -> dict:
-    """The issue's four toy-world targets, per task, on the final figures of each run.
-
-    Per task: ``u_recall`` (ORE's U-Recall ≥ 20), ``known_map_ratio`` (ORE's known mAP
-    (both) / the baseline's ≥ 0.9), ``prev_known_after_ft`` (t ≥ 2: ORE's previously-known
-    mAP after the finetune minus before it, > 0), ``wi`` and ``a_ose`` (ORE's below the
-    baseline's). Each is ``{"value", "pass", …}``; ``pass`` is ``None`` when the target
-    does not apply or a figure is missing (e.g. no unknown object in the test set), and
-    ``"all_pass"`` is true when every target that applies passes.
-    """
-    out: dict = {}
-    verdicts = []
-    for task, stages in ore.items():
-        t = _task_number(task)
-        o, b = final_metrics(stages), final_metrics(baseline.get(task))
-        row = {}
-        ur = metric_value(o, "unknown_recall")
-        row["u_recall"] = _target(ur, None if ur is None else ur >= U_RECALL_MIN,
-                                  threshold=U_RECALL_MIN)
-        mo, mb = metric_value(o, "known_mAP_both"), metric_value(b, "known_mAP_both")
-        ratio = mo / mb if mo is not None and mb else None
-        row["known_map_ratio"] = _target(
-            ratio, None if ratio is None else ratio >= KNOWN_MAP_RATIO_MIN,
-            threshold=KNOWN_MAP_RATIO_MIN, ore=mo, baseline=mb)
-        if t >= 2:
-            before = metric_value(stages.get("train"), "known_mAP_prev")
-            after = metric_value(stages.get("ft"), "known_mAP_prev")
-            delta = after - before if before is not None and after is not None else None
-            row["prev_known_after_ft"] = _target(
-                delta, None if delta is None else delta > 0, before=before, after=after)
-        for key in ("wi", "a_ose"):
-            vo, vb = metric_value(o, key), metric_value(b, key)
-            passed = None if vo is None or vb is None else vo < vb
-            row[key] = _target(vo, passed, baseline=vb)
-        verdicts += [r["pass"] for r in row.values()]
-        out[task] = row
-    applicable = [v for v in verdicts if v is not None]
-    out["all_pass"] = bool(applicable) and all(applicable)
-    return out
-
-
-TARGET_LABELS = {
-    "u_recall": "U-Recall ≥ 20",
-    "known_map_ratio": "Known mAP (both) ≥ 90% of baseline",
-    "prev_known_after_ft": "Previously-known mAP up after finetune",
-    "wi": "WI@0.8 below baseline",
-    "a_ose": "A-OSE below baseline",
-}
-
-
-# --- formatting ---------------------------------------------------------------------------
 
 def _fmt(value, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -216,175 +66,6 @@ def _target_value_text(name: str, tgt: dict) -> str:
 def _verdict(passed) -> str:
     return {True: "pass", False: "FAIL", None: "n/a"}[passed]
 
-
-# --- figures ------------------------------------------------------------------------------
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
-
-
-def plot_metrics_over_tasks(ore: dict, baseline: dict) -> bytes:
-    """One small panel per metric: ORE and the baseline against the task number."""
-    from matplotlib.figure import Figure
-
-    tasks = list(ore)
-    x = [_task_number(t) for t in tasks]
-    fig = Figure(figsize=(13, 5.6))
-    axes = fig.subplots(2, 4)
-    for ax, m in zip(axes.flat, METRICS):
-        for run, label, color, style in ((ore, "ORE", ORE_COLOR, "-"),
-                                         (baseline, "baseline", BASELINE_COLOR, "--")):
-            y = [metric_value(final_metrics(run.get(t)), m.key) for t in tasks]
-            y = [math.nan if v is None else v for v in y]
-            ax.plot(x, y, style, marker="o", color=color, label=label, linewidth=2)
-        ax.set_title(m.label + (" ↑" if m.higher_is_better else " ↓"), fontsize=10)
-        ax.set_xticks(x, [f"T{i}" for i in x])
-        ax.grid(alpha=0.3)
-        ax.spines[["top", "right"]].set_visible(False)
-    axes.flat[0].legend(frameon=False, fontsize=9)
-    fig.tight_layout()
-    return _png(fig)
-
-
-def plot_losses(runs: dict[str, Path], tasks: list[str]) -> bytes | None:
-    """Total training loss per task (training then finetune), one line style per run."""
-    from matplotlib.figure import Figure
-
-    curves = {}
-    for label, run_dir in runs.items():
-        for task in tasks:
-            train = read_losses(run_dir / f"{task}_train" / "metrics.jsonl")
-            ft = read_losses(run_dir / f"{task}_ft" / "metrics.jsonl")
-            offset = train[-1]["iter"] if train else 0
-            curves[label, task] = ([r["iter"] for r in train], [r["loss"] for r in train],
-                                   [offset + r["iter"] for r in ft], [r["loss"] for r in ft])
-    if not any(c[0] or c[2] for c in curves.values()):
-        return None
-    fig = Figure(figsize=(13, 3.0))
-    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
-    colors = {"ORE": ORE_COLOR, "baseline": BASELINE_COLOR}
-    for ax, task in zip(axes, tasks):
-        for label in runs:
-            xi, yi, xf, yf = curves[label, task]
-            ax.plot(xi, yi, color=colors.get(label), label=f"{label} train", linewidth=1.5)
-            if xf:
-                ax.plot(xf, yf, ":", color=colors.get(label), label=f"{label} finetune",
-                        linewidth=1.5)
-        ax.set_title(task.upper(), fontsize=10)
-        ax.set_xlabel("iteration", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.spines[["top", "right"]].set_visible(False)
-    axes[0].set_ylabel("total loss", fontsize=9)
-    axes[0].legend(frameon=False, fontsize=8)
-    fig.tight_layout()
-    return _png(fig)
-
-
-def _stage_dirs(run_dir: Path, task: str) -> list[Path]:
-    """A task's stage folders, latest first (``tN_ft``, then ``tN_train``)."""
-    return [run_dir / f"{task}_{stage}" for stage in ("ft", "train")]
-
-
-def find_energy_fit(run_dir: Path, task: str, name: str = "energy_fit.json") -> Path | None:
-    """A file of the energy fit of a task's final model: ``<stage>/energy/<name>`` (as
-    ``ore run-tasks`` writes it) or ``<stage>/<name>``, latest stage first."""
-    for d in _stage_dirs(run_dir, task):
-        for p in (d / "energy" / name, d / name):
-            if p.is_file():
-                return p
-    return None
-
-
-def find_energy_plot(run_dir: Path, task: str) -> Path | None:
-    return find_energy_fit(run_dir, task, "energy.png")
-
-
-def find_weights(run_dir: Path, task: str) -> Path | None:
-    for d in _stage_dirs(run_dir, task):
-        if (d / "model_final.pth").is_file():
-            return d / "model_final.pth"
-    return None
-
-
-def pick_samples(records, n: int) -> list:
-    """``n`` test images, evenly spaced through the list, preferring images with unknowns.
-
-    Deterministic: the order of the list, no random numbers.
-    """
-    with_unknown = [r for r in records if UNKNOWN in r.names]
-    pool = with_unknown if len(with_unknown) >= n else records
-    if n >= len(pool):
-        return list(pool)
-    return [pool[(i * len(pool)) // n] for i in range(n)]
-
-
-def _panel(image_rgb, boxes, names, scores, title: str, scale: float):
-    """One half of a sample: the image scaled up, boxes drawn, a title strip on top."""
-    import cv2
-    import numpy as np
-
-    from ore.vis import draw_detections
-
-    h, w = image_rgb.shape[:2]
-    big = cv2.resize(image_rgb, (round(w * scale), round(h * scale)),
-                     interpolation=cv2.INTER_CUBIC)
-    drawn = draw_detections(big, np.asarray(boxes, np.float32).reshape(-1, 4) * scale, names,
-                            scores)
-    strip = np.full((26, drawn.shape[1], 3), 255, np.uint8)
-    cv2.putText(strip, title, (4, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (40, 40, 40), 1,
-                cv2.LINE_AA)
-    return np.concatenate([strip, drawn])
-
-
-def render_samples(ore_run: Path, toy_root: Path, ore_config, samples: int,
-                   weights: Path | None = None) -> list[tuple[str, bytes]]:
-    """``[(image id, PNG)]``: ground truth (test role) beside ORE's final-task detections."""
-    import cv2
-    import numpy as np
-
-    from ore.config import load_config
-    from ore.data.records import apply_role, load_split
-    from ore.engine.inference import Predictor
-
-    summary = load_summary(ore_run)
-    summary_tasks = list(summary)
-    last = _task_number(summary_tasks[-1])
-    weights = weights or find_weights(ore_run, summary_tasks[-1])
-    if weights is None:
-        raise OreError(f"{ore_run}/{summary_tasks[-1]}_*/model_final.pth: no final weights")
-    overrides = [f"DATASETS.ROOT={toy_root}", f"OWOD.TASK={last}"]
-    fit = find_energy_fit(ore_run, summary_tasks[-1])
-    if fit is not None and final_stage(summary[summary_tasks[-1]]) == "ebui":
-        # Draw what the final figures measured: the model with its energy-based identifier.
-        overrides += ["EBUI.ENABLED=true", f"EBUI.FIT_FILE={fit}"]
-    cfg = load_config(ore_config, overrides)
-    predictor = Predictor(cfg, str(weights), score_thresh=DRAW_SCORE_THRESH)
-    d = cfg.DATASETS
-    records = apply_role(load_split(d.ROOT, d.TEST, predictor.split, d.FORMAT, d.IMAGE_DIR),
-                         predictor.split, last, "test")
-    out = []
-    for rec in pick_samples(records, samples):
-        bgr = cv2.imread(rec.file_name, cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise OreError(f"cannot read image {rec.file_name}")
-        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        det = predictor.predict([rgb])[0]
-        keep = det.scores >= DRAW_SCORE_THRESH
-        scale = 320 / rgb.shape[0]  # every sample the same height, labels legible
-        gt = _panel(rgb, rec.boxes - 1, rec.names, None, "ground truth", scale)  # VOC → 0-based
-        pred = _panel(rgb, det.boxes[keep], [n for n, k in zip(det.names, keep) if k],
-                      det.scores[keep], f"ORE after T{last} (score >= {DRAW_SCORE_THRESH})",
-                      scale)
-        gap = np.full((gt.shape[0], 10, 3), 255, np.uint8)
-        pair = np.concatenate([gt, gap, pred], axis=1)
-        ok, png = cv2.imencode(".png", cv2.cvtColor(pair, cv2.COLOR_RGB2BGR))
-        out.append((rec.image_id, png.tobytes()))
-    return out
-
-
-# --- documents ----------------------------------------------------------------------------
 
 INTRO = (
     "The toy open world is a small synthetic dataset in the M-OWODB layout: textured, "
@@ -511,7 +192,7 @@ def _results_table(doc: _Doc, ore: dict, baseline: dict) -> None:
 def _finetune_table(doc: _Doc, ore: dict, baseline: dict) -> bool:
     rows = []
     for t in ore:
-        if _task_number(t) < 2:
+        if task_number(t) < 2:
             continue
         row = [(t.upper(), "name")]
         for run in (ore, baseline):
@@ -569,7 +250,7 @@ def write_report(out_dir: str | Path, *, ore_run: str | Path, baseline_run: str 
     """
     out = Path(out_dir)
     ore_run, baseline_run = Path(ore_run), Path(baseline_run)
-    ore, baseline = load_summary(ore_run), load_summary(baseline_run)
+    ore, baseline = RunLayout(ore_run).load_summary(), RunLayout(baseline_run).load_summary()
     if not ore:
         raise OreError(f"{ore_run}/summary.json has no task")
     if samples < 0:
@@ -635,7 +316,7 @@ def write_report(out_dir: str | Path, *, ore_run: str | Path, baseline_run: str 
              "where the unknown fit is the more likely.", cls="note")
     figures = []
     for t in tasks:
-        p = find_energy_plot(ore_run, t)
+        p = RunLayout(ore_run).find_energy_file(task_number(t), ENERGY_PLOT)
         if p is None:
             figures.append(f'<figure class="none">{t.upper()}: no energy fit</figure>')
             doc.md.append(f"*{t.upper()}: no energy fit*\n")

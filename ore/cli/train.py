@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import argparse
 
+from ore.config import load_config
+from ore.engine.trainer import Trainer
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="YAML config (path or under detection_configs/)")
+    p.add_argument("--config", required=True,
+                   help="YAML config (a path, or one shipped with ore, e.g. toy/t1_train.yaml)")
     p.add_argument("--output", help="run folder (default: OUTPUT_DIR from the config)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ore.config import load_config
-    from ore.engine.trainer import Trainer
-
     cfg = load_config(args.config, args.overrides)
     final = Trainer(cfg, args.output or cfg.OUTPUT_DIR, resume=args.resume).run()
     print(f"final weights: {final}")

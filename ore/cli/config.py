@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+from ore.config import config_to_yaml, load_config
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["show"], help="show: print the merged config as YAML")
-    p.add_argument("config", help="YAML config file (path, or relative to detection_configs/)")
+    p.add_argument("config", help="YAML config file (a path, or one shipped with ore, "
+                                  "e.g. toy/t1_train.yaml)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ore.config import config_to_yaml, load_config
-
     print(config_to_yaml(load_config(args.config, args.overrides)), end="")
     return 0

@@ -1,125 +1,108 @@
-"""``ore pretrain``: self-supervised (or supervised-contrastive) training of a backbone trunk.
+"""Backbone pretraining: self-supervised (or supervised-contrastive) training of a trunk.
 
-Trains the trunk of ``--arch`` with one method on a folder of images or on Fashion-MNIST
-and writes ``trunk.state_dict()`` to ``--output``, which ``MODEL.BACKBONE.WEIGHTS`` loads
-into the detector (projection heads are not saved). One JSON line per epoch goes to
-``metrics.jsonl`` next to the output; with labels (Fashion-MNIST) each line carries the
-kNN top-1 accuracy of the pooled trunk features on the test split. ``curves.png`` beside
-it plots the loss (and kNN accuracy) per epoch.
+Trains the trunk of ``arch`` with one method of :mod:`ore.contrastive.methods` on a
+folder of images or on Fashion-MNIST and writes ``trunk.state_dict()`` to ``output``,
+which ``MODEL.BACKBONE.WEIGHTS`` loads into the detector (projection heads are not
+saved). One JSON line per epoch goes to ``metrics.jsonl`` next to the output; with labels
+(Fashion-MNIST) each line carries the kNN top-1 accuracy of the pooled trunk features on
+the test split. ``curves.png`` beside it plots the loss (and kNN accuracy) per epoch.
+
+Several processes (``torchrun … -m ore pretrain``, methods in
+:data:`~ore.contrastive.methods.MULTI_PROCESS_METHODS`): ``batch_size`` is the global
+batch, the losses gather every process's features, DDP averages the gradients, and rank
+0's clock sets the learning rate and the stop.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ore.contrastive import distributed as collective
+from ore.contrastive.augment import BatchAugment
+from ore.contrastive.knn import KNNMonitor
+from ore.contrastive.methods import (
+    DECOUPLED_METHODS,
+    DEFAULT_HEAD,
+    DEFAULT_TEMPERATURE,
+    MULTI_CROP_METHODS,
+    MULTI_PROCESS_METHODS,
+    build_method,
+)
+from ore.data.fashion_mnist import FASHION_MNIST_DIR, load_fashion_mnist
+from ore.data.images import ImageSet, load_image_folder
+from ore.engine import distributed as D
+from ore.engine.metrics_log import FILE as METRICS_FILE
+from ore.engine.metrics_log import MetricsLog
+from ore.engine.runtime import cosine_lr, resolve_device, seed_everything
 from ore.errors import OreError
+from ore.fileio import atomic_save
+from ore.modeling.backbone import build_trunk, trunk_out_channels
+from ore.vis.plots import plot_curves
 
 log = logging.getLogger(__name__)
 
-METHODS = ("simclr", "moco", "nnclr", "pcl", "supcon")
-ARCHS = ("resnet18", "resnet50", "tiny")
 DEFAULT_SIZE = 64  # training resolution
-# Methods whose losses gather features across processes (torchrun). NNCLR's support queue
-# and PCL's memory and k-means would need their own gathering.
-MULTI_PROCESS_METHODS = ("simclr", "moco", "supcon")
-MULTI_CROP_METHODS = ("simclr", "moco", "supcon")  # --small-crops
-DECOUPLED_METHODS = ("simclr", "moco")  # --decoupled, --debiased
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", choices=METHODS, required=True)
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", metavar="DIR", help="folder of unlabelled images (recursive)")
-    src.add_argument("--dataset", choices=("fashion-mnist",), help="a built-in labelled dataset")
-    parser.add_argument("--data-dir", metavar="DIR", help="where the dataset's idx files are "
-                        "(default: the dataset-fashion-mnist package's folder)")
-    parser.add_argument("--arch", choices=ARCHS, default="resnet18")
-    parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--output", required=True, metavar="FILE", help="trunk state dict (.pth)")
-    parser.add_argument("--minutes", type=float, default=None,
-                        help="stop training after this much wall time (the LR schedule "
-                             "follows whichever of epochs and time runs out first)")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="training resolution (default 64; fashion-mnist's 28-px images "
-                             "are upsampled, which the tiny trunk's strided stem needs)")
-    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
-                        help="SGD with momentum 0.9, or AdamW")
-    parser.add_argument("--lr", type=float, default=None,
-                        help="peak learning rate "
-                             "(default: SGD 0.06, AdamW 1e-3, scaled by batch/256 above 256)")
-    parser.add_argument("--weight-decay", type=float, default=5e-4)
-    parser.add_argument("--temperature", type=float, default=None,
-                        help="default per method: pcl 0.2, the others 0.1")
-    parser.add_argument("--head", choices=("mlp", "linear", "none"), default=None,
-                        help="projection head: the method's MLP, one linear layer, or none "
-                             "(the loss on the pooled trunk features themselves); "
-                             "default moco linear, the others mlp")
-    parser.add_argument("--decoupled", action="store_true",
-                        help="simclr, moco: DCL's loss, without the positive in the "
-                             "denominator (Yeh et al., 2022)")
-    parser.add_argument("--debiased", type=float, default=0.0, metavar="TAU_PLUS",
-                        help="simclr, moco: the debiased loss (Chuang et al., 2020) with class "
-                             "prior TAU_PLUS, the chance that a negative shares the anchor's "
-                             "class (0.1 for ten balanced classes); 0: off")
-    parser.add_argument("--predictor", action="store_true",
-                        help="moco: MoCo v3's MLP predictor on the queries")
-    parser.add_argument("--symmetric", action="store_true",
-                        help="moco: MoCo v3's symmetrised loss, each view once the query and "
-                             "once the key (twice the images per step); default: v1/v2's loss, "
-                             "view 1 the queries and view 2 the keys")
-    parser.add_argument("--batch-negatives", action="store_true",
-                        help="moco: this batch's keys of the other images as extra "
-                             "negatives, beside the queue")
-    parser.add_argument("--out-dim", type=int, default=128, help="projection dimension")
-    parser.add_argument("--hidden-dim", type=int, default=512, help="projection head width")
-    parser.add_argument("--queue-size", type=int, default=None,
-                        help="queue of negatives (moco, pcl) or support set (nnclr); default "
-                             "moco 16×batch (the keys of the last 16 steps, 8 with --symmetric), "
-                             "pcl/nnclr 4096")
-    parser.add_argument("--momentum", type=float, default=None,
-                        help="key-encoder momentum (moco, pcl); default moco 0.995, pcl 0.99")
-    parser.add_argument("--num-clusters", default="100,250,500", help="pcl k-means sizes")
-    parser.add_argument("--pcl-recluster-steps", type=int, default=None,
-                        help="pcl: k-means every N steps (default: once per epoch)")
-    parser.add_argument("--knn-every", type=int, default=1,
-                        help="kNN monitor every N epochs when labels exist (0: only at the end)")
-    parser.add_argument("--knn-limit", type=int, default=None,
-                        help="use at most this many bank and test images in the kNN monitor")
-    parser.add_argument("--device", default=None,
-                        help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--crop-scale", default=None, metavar="LO,HI",
-                        help="random resized crop: range of the crop's area fraction "
-                             "(default 0.4,1 for fashion-mnist, 0.2,1 for image folders)")
-    parser.add_argument("--jitter", type=float, default=None,
-                        help="colour jitter strength (brightness, contrast, saturation; "
-                             "hue is a quarter of it), applied with probability "
-                             "--jitter-prob; 0 turns jitter off (default 0.95 for "
-                             "fashion-mnist, 0.8, SimCLR's, for image folders)")
-    parser.add_argument("--jitter-prob", type=float, default=0.8,
-                        help="probability of colour jitter (SimCLR's 0.8)")
-    parser.add_argument("--blur-prob", type=float, default=0.0,
-                        help="probability of a Gaussian blur")
-    parser.add_argument("--solarize-prob", type=float, default=0.2,
-                        help="probability of solarisation (BYOL); with intensity jitter it "
-                             "keeps grey-level crops from matching by their histogram")
-    parser.add_argument("--small-crops", type=int, default=0, metavar="V",
-                        help="multi-crop (SwAV): V extra low-resolution crops per image "
-                             "(simclr, moco, supcon)")
-    parser.add_argument("--small-size", type=int, default=32,
-                        help="side length of the --small-crops views")
-    parser.add_argument("--small-crop-scale", default="0.15,0.4", metavar="LO,HI",
-                        help="area fraction range of the --small-crops views")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+@dataclass
+class PretrainOptions:
+    """Everything a pretraining run takes (``ore pretrain``'s flags, same names).
+
+    ``None`` means "the default for this method / dataset", resolved by
+    :func:`check_options`; ``images`` and ``dataset`` exclude each other.
+    """
+
+    method: str = "simclr"
+    output: str = ""
+    images: str | None = None
+    dataset: str | None = None
+    data_dir: str | None = None
+    arch: str = "resnet18"
+    epochs: int = 100
+    batch_size: int = 256
+    minutes: float | None = None
+    image_size: int | None = None
+    optimizer: str = "sgd"
+    lr: float | None = None
+    weight_decay: float = 5e-4
+    temperature: float | None = None
+    head: str | None = None
+    decoupled: bool = False
+    debiased: float = 0.0
+    predictor: bool = False
+    symmetric: bool = False
+    batch_negatives: bool = False
+    out_dim: int = 128
+    hidden_dim: int = 512
+    queue_size: int | None = None
+    momentum: float | None = None
+    num_clusters: str | tuple[int, ...] = "100,250,500"
+    pcl_recluster_steps: int | None = None
+    knn_every: int = 1
+    knn_limit: int | None = None
+    device: str | None = None
+    crop_scale: str | tuple[float, float] | None = None
+    jitter: float | None = None
+    jitter_prob: float = 0.8
+    blur_prob: float = 0.0
+    solarize_prob: float = 0.2
+    small_crops: int = 0
+    small_size: int = 32
+    small_crop_scale: str | tuple[float, float] = "0.15,0.4"
+    seed: int = 0
+    no_progress: bool = False
 
 
-def _check_args(args) -> None:
+def check_options(args: PretrainOptions) -> None:
+    """Check every option and resolve the defaults that depend on others (in place), so
+    that the metrics record what ran. One-line :class:`OreError` for a bad value."""
     if args.pcl_recluster_steps is not None and args.pcl_recluster_steps < 1:
         raise OreError(f"--pcl-recluster-steps must be ≥ 1, got {args.pcl_recluster_steps}")
     for name in ("epochs", "batch_size", "out_dim", "hidden_dim", "queue_size"):
@@ -152,8 +135,6 @@ def _check_args(args) -> None:
         # steps, and at batch 64 and 128 lr 0.06 beat the scaled-down 0.015 and 0.03.
         base = 0.06 if args.optimizer == "sgd" else 1e-3
         args.lr = base * max(1.0, args.batch_size / 256)
-    from ore.contrastive.methods import DEFAULT_HEAD, DEFAULT_TEMPERATURE
-
     if args.temperature is None:
         args.temperature = DEFAULT_TEMPERATURE[args.method]
     if args.head is None:
@@ -223,9 +204,7 @@ def _scale_range(flag: str, value) -> tuple[float, float]:
     return lo, hi
 
 
-def _load_data(args):
-    from ore.contrastive.data import FASHION_MNIST_DIR, load_fashion_mnist, load_image_folder
-
+def _load_data(args: PretrainOptions) -> tuple[ImageSet, ImageSet | None]:
     if args.dataset == "fashion-mnist":
         root = Path(args.data_dir) if args.data_dir else FASHION_MNIST_DIR
         return load_fashion_mnist("train", root), load_fashion_mnist("test", root)
@@ -236,13 +215,10 @@ class Preprocess:
     """uint8 [n, C, H, W] → float, 3 channels, normalised with the training set's stats."""
 
     def __init__(self, images, size: int):
-        import torch
-
         sample = images[: min(len(images), 10000)].float() / 255
         self.mean = sample.mean(dim=(0, 2, 3)).view(1, -1, 1, 1)
         self.std = sample.std(dim=(0, 2, 3)).clamp_min(1e-3).view(1, -1, 1, 1)
         self.size = size
-        self.torch = torch
 
     def to_unit(self, x):
         return x.float() / 255  # [0, 1], the augmentations' domain
@@ -254,8 +230,6 @@ class Preprocess:
         return x.contiguous()  # NCHW: see _channels_last
 
     def eval_view(self, x):
-        import torch.nn.functional as F
-
         x = self.to_unit(x)
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
@@ -270,8 +244,6 @@ def _channels_last(model):
     (fwd+bwd 30 against 6.4 ms at 128×12×32×32), +6% SimCLR and MoCo steps per minute.
     An NCHW input and weight keep the stem's output, and so its batch norm, NCHW; the next
     convolution's channels_last weight switches the rest over."""
-    import torch
-
     model.to(memory_format=torch.channels_last)
     for mod in model.modules():
         if isinstance(mod, torch.nn.Conv2d) and mod.out_channels < 16:
@@ -279,64 +251,16 @@ def _channels_last(model):
     return model
 
 
-def _lr_at(progress: float, base_lr: float, warmup: float = 0.02) -> float:
-    """Linear warmup over the first 2% then cosine decay to zero, on progress ∈ [0, 1]."""
-    if progress < warmup:
-        return base_lr * (progress / warmup + 1e-3)
-    p = (progress - warmup) / (1 - warmup)
-    return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
-
-
 def save_trunk(trunk, output: Path) -> None:
     """Write trunk.state_dict() atomically (a temp file in the same folder, then rename)."""
-    from ore.fileio import atomic_save
-
     atomic_save({k: v.detach().cpu().contiguous() for k, v in trunk.state_dict().items()},
                 output)
 
 
-def plot_curves(records: list[dict], path: Path, title: str) -> None:
-    """Loss per epoch and, when the records carry it, kNN top-1 per epoch (``curves.png``)."""
-    from matplotlib.figure import Figure
-
-    from ore.fileio import atomic_write
-
-    knn = [r for r in records if "knn_cosine_top1" in r]
-    fig = Figure(figsize=(9 if knn else 4.5, 3.2))
-    axes = fig.subplots(1, 2 if knn else 1, squeeze=False)[0]
-    axes[0].plot([r["epoch"] for r in records], [r["loss"] for r in records], marker="o")
-    axes[0].set_xlabel("epoch")
-    axes[0].set_ylabel("training loss")
-    if knn:
-        for key, label in (("knn_cosine_top1", "cosine k=200"), ("knn_l2_top1", "L2 k=5")):
-            axes[1].plot([r["epoch"] for r in knn], [100 * r[key] for r in knn], marker="o",
-                         label=label)
-        axes[1].set_xlabel("epoch")
-        axes[1].set_ylabel("kNN top-1 on the test split (%)")
-        axes[1].legend(frameon=False)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-
-
-def pretrain(args) -> dict:
-    """Run the training described by parsed ``args``; returns the last metrics record."""
-    import torch
-    from tqdm import tqdm
-
-    from ore.contrastive.augment import BatchAugment
-    from ore.contrastive.knn import KNNMonitor
-    from ore.contrastive.methods import build_method
-    from ore.engine import distributed as D
-    from ore.modeling.backbone import build_trunk, trunk_out_channels
-
-    _check_args(args)
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as exc:
-        raise OreError(f"--device {args.device!r}: {exc}") from None
+def pretrain(args: PretrainOptions) -> dict:
+    """Run the training described by ``args``; returns the last metrics record."""
+    check_options(args)
+    device = resolve_device(args.device, "--device")
     dist_info = D.init_from_env(device)
     device = D.process_device(device, dist_info)
     if dist_info.distributed and args.method not in MULTI_PROCESS_METHODS:
@@ -345,7 +269,7 @@ def pretrain(args) -> dict:
     # --batch-size is the global batch; each process takes its share, and the losses
     # gather the other processes' features so that every image sees the global batch.
     local_batch = D.per_process_batch(args.batch_size, dist_info.world_size, "--batch-size")
-    torch.manual_seed(args.seed)
+    seed_everything(args.seed)
     train, test = _load_data(args)
     size = args.image_size or DEFAULT_SIZE
     if args.method == "supcon" and train.labels is None:
@@ -409,10 +333,9 @@ def pretrain(args) -> dict:
         )
 
     output = Path(args.output)
-    metrics_path = output.parent / "metrics.jsonl"
-    if main_process:  # only rank 0 writes files
-        output.parent.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text("")
+    metrics_path = output.parent / METRICS_FILE
+    # Only rank 0 writes files; a run starts its log afresh.
+    metrics = MetricsLog(metrics_path, fresh=True) if main_process else None
     steps_per_epoch = n // args.batch_size
     total_steps = args.epochs * steps_per_epoch
     budget = args.minutes * 60 if args.minutes else None
@@ -431,9 +354,8 @@ def pretrain(args) -> dict:
         and one stopping step for all (DDP replicas must take the same steps)."""
         t = train_time + time.perf_counter() - t0
         if dist_info.distributed:
-            t_ = torch.tensor([t], dtype=torch.float64, device=device)
-            torch.distributed.broadcast(t_, 0)
-            t = float(t_)
+            t = float(collective.broadcast_tensor(
+                torch.tensor([t], dtype=torch.float64, device=device)))
         return t
 
     def evaluate():
@@ -456,7 +378,7 @@ def pretrain(args) -> dict:
             if budget:
                 progress = max(progress, seconds / budget)
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(progress, lr)
+                group["lr"] = cosine_lr(progress, lr)
             start = it * args.batch_size + dist_info.rank * local_batch  # this process's share
             idx = perm[start : start + local_batch]
             x = prep.to_unit(train.images[idx].to(device))
@@ -489,7 +411,7 @@ def pretrain(args) -> dict:
         record = {
             "epoch": epoch + 1,
             "steps": step,
-            "loss": float(D.all_reduce_mean(mean_loss, dist_info)),  # over processes
+            "loss": float(collective.all_reduce_mean(mean_loss)),  # over processes
             "train_seconds": round(train_time, 1),
         }
         if not main_process:
@@ -499,8 +421,7 @@ def pretrain(args) -> dict:
         if monitor is not None and (last or (args.knn_every and (epoch + 1) % args.knn_every == 0)):
             record.update(evaluate())
         records.append(record)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        metrics.write(record)
         log.info("%s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in record.items()))
         if out_of_time:
@@ -508,13 +429,9 @@ def pretrain(args) -> dict:
             break
     if not main_process:
         return record
+    metrics.close()
     save_trunk(method.trunk, output)
     curves = output.parent / "curves.png"
     plot_curves(records, curves, f"{args.method}, {args.arch} trunk, {size} px")
     log.info("wrote %s (trunk of %s), %s and %s", output, args.arch, metrics_path, curves)
     return record
-
-
-def run(args) -> int:
-    pretrain(args)
-    return 0

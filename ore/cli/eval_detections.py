@@ -10,6 +10,13 @@ from __future__ import annotations
 
 import argparse
 
+from ore.data.classes import load_task_split, parse_task
+from ore.data.records import load_role_split
+from ore.evaluation.detections import read_detections
+from ore.evaluation.evaluator import RESULT_KEYS, OpenWorldEvaluator
+from ore.evaluation.report import format_table
+from ore.fileio import atomic_write_json
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", required=True, help="dataset root (OWOD/VOC layout)")
@@ -31,17 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ore.data.classes import load_task_split, parse_task
-    from ore.data.records import apply_role, load_split
-    from ore.evaluation.detections import read_detections
-    from ore.evaluation.evaluator import RESULT_KEYS, OpenWorldEvaluator
-    from ore.evaluation.report import format_table
-    from ore.fileio import atomic_write_json
-
     split = load_task_split(args.classes)
     task = split.check_task(parse_task(args.task))
-    records = apply_role(load_split(args.root, args.split, split, fmt=args.format),
-                         split, task, "test")
+    records = load_role_split(args.root, args.split, split, task, "test", fmt=args.format)
     evaluator = OpenWorldEvaluator(split=split, task=task, records=records, ap=args.ap,
                                    coco=not args.no_coco)
     evaluator.add_detections(**read_detections(args.detections, split))
@@ -51,4 +50,3 @@ def run(args: argparse.Namespace) -> int:
         path = atomic_write_json(args.output, {k: result[k] for k in RESULT_KEYS})
         print(f"wrote {path}")
     return 0
-

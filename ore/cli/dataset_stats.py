@@ -6,6 +6,10 @@ import argparse
 import json
 from collections import Counter
 
+from ore.data.classes import load_task_split, parse_task
+from ore.data.records import apply_role, load_split
+from ore.errors import OreError
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", required=True, help="dataset root (VOC/OWOD layout)")
@@ -18,23 +22,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def dataset_stats(records) -> dict:
-    objects = Counter(n for r in records for n in r.names)
-    return {"images": len(records), "objects": dict(sorted(objects.items()))}
-
-
 def run(args: argparse.Namespace) -> int:
-    from ore.data.classes import load_task_split, parse_task
-    from ore.data.records import apply_role, load_split
-    from ore.errors import OreError
-
     split = load_task_split(args.classes)
     records = load_split(args.root, args.split, split, args.format)
     if (args.task is None) != (args.role is None):
         raise OreError("--task and --role go together (e.g. --task t2 --role train)")
     if args.role:
         records = apply_role(records, split, parse_task(args.task), args.role)
-    stats = dataset_stats(records)
+    objects = Counter(n for r in records for n in r.names)
+    stats = {"images": len(records), "objects": dict(sorted(objects.items()))}
     if args.json:
         print(json.dumps(stats, indent=2))
     else:

@@ -1,20 +1,19 @@
-"""Image sources for ``ore pretrain``: Fashion-MNIST from the Debian package, or a folder.
+"""Fashion-MNIST from the Debian package ``dataset-fashion-mnist``, read from its idx files.
 
-Everything is loaded once into a uint8 tensor [n, C, H, W]: pretraining images are small,
-and batched augmentation on an in-memory tensor is much faster on a CPU than a data
-loader decoding files.
+Loaded once into a uint8 tensor [n, 1, 28, 28] with int64 labels (an :class:`ImageSet`),
+the form backbone pretraining trains on.
 """
 
 from __future__ import annotations
 
 import gzip
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ore.data.images import ImageSet
 from ore.errors import OreError
 
 # Where `apt-get install dataset-fashion-mnist` puts the four idx files.
@@ -23,17 +22,6 @@ FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-@dataclass
-class ImageSet:
-    """images: uint8 [n, C, H, W]; labels: int64 [n] or None."""
-
-    images: torch.Tensor
-    labels: torch.Tensor | None = None
-
-
 def read_idx(path: Path) -> np.ndarray:
     """Read an idx file (optionally gzip-compressed) into a numpy array."""
     opener = gzip.open if path.suffix == ".gz" else open
@@ -75,23 +63,3 @@ def load_fashion_mnist(split: str, root: str | Path = FASHION_MNIST_DIR) -> Imag
     return ImageSet(
         torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64))
     )
-
-
-def load_image_folder(root: str | Path, size: int) -> ImageSet:
-    """Every image under ``root`` (recursively), resized to size×size RGB, unlabelled."""
-    import cv2
-
-    root = Path(root)
-    if not root.is_dir():
-        raise OreError(f"--images: not a directory: {root}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise OreError(f"--images: no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
-    out = np.empty((len(files), size, size, 3), dtype=np.uint8)
-    for i, path in enumerate(files):
-        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if img is None:
-            raise OreError(f"--images: cannot decode {path}")
-        interp = cv2.INTER_AREA if min(img.shape[:2]) > size else cv2.INTER_LINEAR
-        out[i] = cv2.resize(img, (size, size), interpolation=interp)[:, :, ::-1]  # BGR→RGB
-    return ImageSet(torch.from_numpy(out).permute(0, 3, 1, 2).contiguous())

@@ -1,0 +1,21 @@
+"""``ore demo``: the whole open-world story on the toy world, with a report."""
+
+from __future__ import annotations
+
+import argparse
+
+from ore.demo.run import run_demo
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", default="runs/demo", help="folder for everything the demo writes")
+    p.add_argument("--quick", action="store_true",
+                   help="a small world and a short schedule (a smoke test, not a result)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the toy world and the training")
+
+
+def run(args: argparse.Namespace) -> int:
+    written = run_demo(args.output, quick=args.quick, seed=args.seed)
+    print(f"done in {written['minutes']:.1f} min: {written['html']}  {written['md']}  "
+          f"{written['metrics']}")
+    return 0

@@ -1,0 +1,40 @@
+"""``ore fit-energy``: fit the energy-based unknown identifier of a trained ORE model."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ore.config import load_config
+from ore.engine.energy_fit import fit_energy
+from ore.engine.layout import ENERGY_FIT, ENERGY_PLOT
+from ore.errors import OreError
+from ore.modeling.fit_file import MODES
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="the config the weights were trained with")
+    p.add_argument("--weights", required=True, help="detector checkpoint (ORE head)")
+    p.add_argument("--split", help="held-out list (default: EBUI.FIT_SPLIT)")
+    p.add_argument("--mode", choices=MODES, help="what counts as unknown (default: EBUI.MODE)")
+    p.add_argument("--output", required=True,
+                   help=f"folder for {ENERGY_FIT} and {ENERGY_PLOT}")
+    p.add_argument("--max-images", type=int, default=0, help="use the first N images (0 = all)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise OreError(f"--batch-size {args.batch_size} must be ≥ 1")
+    cfg = load_config(args.config, args.overrides)
+    fit = fit_energy(cfg, args.weights, args.output, split_name=args.split, mode=args.mode,
+                     batch_size=args.batch_size, max_images=args.max_images)
+    for key in ("known", "unknown"):
+        w = getattr(fit, key)
+        print(f"{key:<8} {fit.counts[key]:>7} samples  shape {w.shape:.4g}  loc {w.loc:.4g}  "
+              f"scale {w.scale:.4g}  log-likelihood {fit.log_likelihood[key]:.1f}")
+    print(f"wrote {Path(args.output) / ENERGY_FIT} and {ENERGY_PLOT} "
+          f"(T={fit.temperature:g}, mode {fit.mode}; use EBUI.ENABLED=true "
+          f"EBUI.FIT_FILE=… EBUI.TEMPERATURE={fit.temperature:g})")
+    return 0

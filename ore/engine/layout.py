@@ -1,0 +1,148 @@
+"""The run folder of ``ore run-tasks``: where each task's stages, fits and figures live.
+
+::
+
+    <run>/summary.json                 {"t1": {"train": metrics, "ft": …, "ebui": …}, …}
+    <run>/tN_train/                    training of task N (weights, config, metrics.jsonl)
+    <run>/tN_train/eval.json           its evaluation on DATASETS.TEST
+    <run>/tN_ft/exemplars.txt          the balanced exemplar list of the finetune
+    <run>/tN_ft/                       the exemplar finetune (same files as tN_train)
+    <run>/<final stage>/energy/        energy fit of the task's final model (json + png)
+    <run>/<final stage>/eval_ebui.json its evaluation with the energy-based identifier
+
+The run-tasks schedule, the demo, its report and the tools all find files through
+:class:`RunLayout`; no other module spells these names.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ore.errors import OreError
+from ore.fileio import atomic_write_json
+
+# A task's stages in the order they run; the last one present gives the task's figures.
+# ``ebui`` is the final model evaluated with the energy-based identifier (no folder).
+STAGES = ("train", "ft", "ebui")
+FOLDER_STAGES = ("train", "ft")
+FINAL = "model_final.pth"
+CONFIG = "config.yaml"
+SUMMARY = "summary.json"
+EVAL = "eval.json"
+EVAL_EBUI = "eval_ebui.json"
+EXEMPLARS = "exemplars.txt"
+ENERGY_DIR = "energy"
+ENERGY_FIT = "energy_fit.json"
+ENERGY_PLOT = "energy.png"
+
+_TASK = re.compile(r"t(\d+)")
+
+
+def task_key(task: int) -> str:
+    """``3`` → ``"t3"``, the key of a task in ``summary.json`` and in folder names."""
+    return f"t{task}"
+
+
+def task_number(key: str) -> int:
+    """``"t3"`` → ``3``; an :class:`OreError` for any other key."""
+    m = _TASK.fullmatch(key)
+    if not m:
+        raise OreError(f"summary.json: key {key!r} is not a task (expected t1, t2, …)")
+    return int(m.group(1))
+
+
+def final_stage(stages: dict | None) -> str | None:
+    """The stage whose figures stand for a task: the last of :data:`STAGES` with results.
+
+    ``"ebui"`` when present, else ``"ft"``, else ``"train"``; ``None`` when no stage has
+    figures. Stages with another name are ignored.
+    """
+    for stage in reversed(STAGES):
+        if (stages or {}).get(stage) is not None:
+            return stage
+    return None
+
+
+def final_metrics(stages: dict | None) -> dict | None:
+    stage = final_stage(stages)
+    return None if stage is None else stages[stage]
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The files of one ``ore run-tasks`` output folder ``root``."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    def stage_dir(self, task: int, stage: str) -> Path:
+        if stage not in FOLDER_STAGES:
+            raise ValueError(f"stage {stage!r} has no folder; expected one of {FOLDER_STAGES}")
+        return self.root / f"{task_key(task)}_{stage}"
+
+    def final_weights(self, task: int, stage: str) -> Path:
+        return self.stage_dir(task, stage) / FINAL
+
+    def eval_file(self, task: int, stage: str) -> Path:
+        return self.stage_dir(task, stage) / EVAL
+
+    def exemplar_list(self, task: int) -> Path:
+        return self.stage_dir(task, "ft") / EXEMPLARS
+
+    @staticmethod
+    def energy_dir(stage_dir: Path) -> Path:
+        """The energy fit of the model trained in ``stage_dir``."""
+        return stage_dir / ENERGY_DIR
+
+    @staticmethod
+    def ebui_eval_file(stage_dir: Path) -> Path:
+        return stage_dir / EVAL_EBUI
+
+    def latest_stage_dirs(self, task: int) -> list[Path]:
+        """A task's stage folders, latest first (``tN_ft``, then ``tN_train``)."""
+        return [self.stage_dir(task, stage) for stage in reversed(FOLDER_STAGES)]
+
+    def find_weights(self, task: int) -> Path | None:
+        """The final weights of a task's latest finished stage."""
+        for d in self.latest_stage_dirs(task):
+            if (d / FINAL).is_file():
+                return d / FINAL
+        return None
+
+    def find_energy_file(self, task: int, name: str = ENERGY_FIT) -> Path | None:
+        """A file of the energy fit of a task's final model: ``<stage>/energy/<name>``
+        (as run-tasks writes it) or ``<stage>/<name>``, latest stage first."""
+        for d in self.latest_stage_dirs(task):
+            for p in (self.energy_dir(d) / name, d / name):
+                if p.is_file():
+                    return p
+        return None
+
+    def metrics_logs(self) -> list[Path]:
+        """Every stage's ``metrics.jsonl``."""
+        return sorted(self.root.glob("t*_*/metrics.jsonl"))
+
+    @property
+    def summary_file(self) -> Path:
+        return self.root / SUMMARY
+
+    def write_summary(self, summary: dict) -> Path:
+        return atomic_write_json(self.summary_file, summary)
+
+    def load_summary(self) -> dict:
+        """``summary.json`` with its tasks in task order."""
+        path = self.summary_file
+        if not path.is_file():
+            raise OreError(f"run summary not found: {path} (written by `ore run-tasks`)")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise OreError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+            raise OreError(f"{path}: expected {{'t1': {{'train': …, 'ft': …}}, …}}")
+        return dict(sorted(data.items(), key=lambda kv: task_number(kv[0])))

@@ -1,0 +1,105 @@
+"""What every run sets up the same way: the device, the seeds, the random generators'
+state, mixed precision, and the learning-rate schedules.
+
+Both training loops (the detector's and the backbone pretraining) take their device,
+seeding and schedule from here. A schedule is a pure function of how far the run is, so
+a resumed run continues exactly where it stopped and holds no scheduler state.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from ore.errors import OreError
+
+AMP_MODES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str | None, setting: str = "DEVICE") -> torch.device:
+    """``auto`` (or None): CUDA when available, else the CPU; otherwise the named device.
+
+    ``setting`` names the key or flag in error messages.
+    """
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise OreError(f"{setting}: {name!r} requested but CUDA is not available")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise OreError(f"{setting}: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python's, numpy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def get_rng_state() -> dict:
+    """Every random generator a training process draws from (checkpoint-safe types only)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        # numpy's MT19937 keys as a tensor: checkpoints load with weights_only=True,
+        # which refuses numpy arrays.
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        s = state["numpy"]
+        np.random.set_state(("MT19937", s["keys"].numpy().astype(np.uint32), s["pos"],
+                             s["has_gauss"], s["cached_gaussian"]))
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``SOLVER.AMP`` on ``device`` (None = full precision)."""
+    if mode not in AMP_MODES:
+        raise OreError(f"SOLVER.AMP: {mode!r}; expected one of {sorted(AMP_MODES)}")
+    if mode == "fp16" and device.type != "cuda":
+        raise OreError(f"SOLVER.AMP: fp16 needs a CUDA device, this run uses {device}; "
+                       "use bf16 (CPU autocast) or off")
+    return AMP_MODES[mode]
+
+
+def lr_at(cfg: DictConfig, iteration: int) -> float:
+    """The detector's schedule (``cfg.SOLVER``): linear warmup from
+    BASE_LR·WARMUP_FACTOR over WARMUP_ITERS, then ×GAMMA at each of STEPS."""
+    s = cfg.SOLVER
+    factor = s.GAMMA ** sum(iteration >= step for step in s.STEPS)
+    if iteration < s.WARMUP_ITERS:
+        alpha = iteration / s.WARMUP_ITERS
+        factor *= s.WARMUP_FACTOR * (1 - alpha) + alpha
+    return s.BASE_LR * factor
+
+
+def cosine_lr(progress: float, base_lr: float, warmup: float = 0.02) -> float:
+    """The pretraining schedule: linear warmup over the first ``warmup`` of the run, then
+    cosine decay to zero, on ``progress`` ∈ [0, 1] (steps or time, whichever is further)."""
+    if progress < warmup:
+        return base_lr * (progress / warmup + 1e-3)
+    p = (progress - warmup) / (1 - warmup)
+    return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
