@@ -49,13 +49,12 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from ore.data.classes import TaskSplit, load_task_split
 from ore.data.exemplars import select_exemplars
-from ore.data.records import ImageRecord, load_coco_json
+from ore.data.records import VOC_IMAGE_EXTENSIONS, ImageRecord, load_coco_json
 from ore.errors import OreError
 from ore.fileio import atomic_folder
 
 log = logging.getLogger("prepare_owod")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # what the VOC reader looks for
 
 
 def voc_box(box) -> tuple[int, int, int, int]:
@@ -103,9 +102,9 @@ def _check_ids(records: list[ImageRecord], source: str, taken: dict[str, str]) -
             raise OreError(f"image id {r.image_id!r} (from {source}) is also in "
                            f"{taken[r.image_id]}; image file names must be unique across both "
                            "JSON files")
-        if Path(r.file_name).suffix.lower() not in IMAGE_EXTENSIONS:
+        if Path(r.file_name).suffix.lower() not in VOC_IMAGE_EXTENSIONS:
             raise OreError(f"{r.file_name}: unsupported image type; expected one of "
-                           f"{', '.join(IMAGE_EXTENSIONS)}")
+                           f"{', '.join(VOC_IMAGE_EXTENSIONS)}")
         taken[r.image_id] = source
 
 

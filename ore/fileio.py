@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from ore.errors import OreError
 
 
@@ -74,8 +76,6 @@ def atomic_write_json(path: str | Path, obj) -> Path:
 
 def atomic_save(obj, path: str | Path) -> Path:
     """``torch.save`` through :func:`atomic_write`."""
-    import torch
-
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 

@@ -18,15 +18,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ore.config import load_config
+from ore.engine.energy_fit import fit_energy
+from ore.engine.evaluate import evaluate_model
+from ore.engine.inference import Predictor
+from ore.engine.layout import CONFIG, ENERGY_FIT, RunLayout
+from ore.modeling.weibull import fit_weibull3
 
 
 def bench_fit(n: int, repeats: int) -> dict:
-    from scipy import stats
-
-    from ore.modeling.energy import fit_weibull3
-
     x = stats.weibull_min.rvs(2.2, loc=-3.0, scale=2.5, size=n, random_state=0)
     times = []
     for _ in range(repeats):
@@ -38,20 +40,14 @@ def bench_fit(n: int, repeats: int) -> dict:
 
 
 def bench_tasks(runs: Path, work: Path, fit_split: str, max_images: int) -> dict:
-    from ore.config import load_config
-    from ore.engine.energy_fit import fit_energy
-    from ore.engine.evaluate import evaluate_model
-    from ore.engine.inference import Predictor
-
+    layout = RunLayout(runs)
     out: dict = {}
     t = 1
-    while (runs / f"t{t}_train" / "model_final.pth").is_file():
-        stage = runs / f"t{t}_ft"
-        if not (stage / "model_final.pth").is_file():
-            stage = runs / f"t{t}_train"
-        weights = str(stage / "model_final.pth")
+    while (final := layout.find_weights(t)) is not None:
+        stage = final.parent
+        weights = str(final)
         base = ["DATALOADER.NUM_WORKERS=0"]
-        cfg = load_config(stage / "config.yaml", base)
+        cfg = load_config(stage / CONFIG, base)
         row = {"stage": stage.name}
         for mode in (None, "labelled", "pseudo"):
             over = base
@@ -61,8 +57,8 @@ def bench_tasks(runs: Path, work: Path, fit_split: str, max_images: int) -> dict
                 fit = fit_energy(cfg, weights, fit_dir, split_name=fit_split, mode=mode,
                                  max_images=max_images)
                 row[f"fit_{mode}"] = {"counts": fit.counts, "seconds": time.perf_counter() - t0}
-                over = [*base, "EBUI.ENABLED=true", f"EBUI.FIT_FILE={fit_dir / 'energy_fit.json'}"]
-            ecfg = load_config(stage / "config.yaml", over)
+                over = [*base, "EBUI.ENABLED=true", f"EBUI.FIT_FILE={fit_dir / ENERGY_FIT}"]
+            ecfg = load_config(stage / CONFIG, over)
             res, _ = evaluate_model(Predictor(ecfg, weights), ecfg.DATASETS.TEST, coco=False,
                                     details=False)
             row[mode or "off"] = {"unknown_recall": res["unknown_recall"],

@@ -34,7 +34,7 @@ from ore.data.classes import OWOD_TASKS, load_task_split
 from ore.data.records import apply_role, load_split
 from ore.evaluation.evaluator import RESULT_KEYS, OpenWorldEvaluator
 from ore.evaluation.metrics import open_world_metrics
-from ore.evaluation.naive import naive_metrics
+from tests.evaluation.naive import naive_metrics
 
 W, H = 500, 375
 

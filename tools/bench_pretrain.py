@@ -4,45 +4,36 @@ method after the same CPU budget.
 Protocol: the 60k training images are the bank, the 10k test images are scored; cosine
 kNN (unit-normalised features, k = 200, votes weighted by exp(sim/0.1)) and plain L2 kNN
 (k = 5, majority vote). Network features are the globally pooled last trunk map at the
-training resolution. Installs the Debian package ``dataset-fashion-mnist`` when missing.
+training resolution. Needs the Debian package ``dataset-fashion-mnist``
+(``apt-get install dataset-fashion-mnist``).
 
-    python tools/bench_pretrain.py --minutes 15            # the issue's budget per method
+    python tools/bench_pretrain.py --minutes 15            # 15 minutes per method
     python tools/bench_pretrain.py --minutes 3 --methods simclr,moco
-    python tools/bench_pretrain.py --procs 2   # torchrun: 2 processes share the cores
+    python tools/bench_pretrain.py --procs 2   # 2 processes (gloo) share the cores
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
-import shutil
-import subprocess
 import sys
 import time
+import uuid
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from ore.contrastive.data import fashion_mnist_available, load_fashion_mnist
+from ore.cli.pretrain import add_arguments, options
 from ore.contrastive.knn import KNNMonitor
-from ore.contrastive.methods import PooledTrunk
-from ore.contrastive.pretrain import DEFAULT_SIZE, METHODS, Preprocess, add_arguments, pretrain
+from ore.contrastive.methods import METHODS, PooledTrunk
+from ore.data.fashion_mnist import fashion_mnist_available, load_fashion_mnist
+from ore.engine.pretrain import DEFAULT_SIZE, Preprocess, PretrainOptions, pretrain
 from ore.fileio import atomic_write, atomic_write_json
 from ore.modeling.backbone import build_trunk
-
-
-def ensure_dataset() -> None:
-    if fashion_mnist_available():
-        return
-    if shutil.which("apt-get") is None:
-        sys.exit("Fashion-MNIST is missing and apt-get is not available")
-    print("installing dataset-fashion-mnist …", flush=True)
-    subprocess.run(["apt-get", "install", "-y", "dataset-fashion-mnist"], check=False)
-    if not fashion_mnist_available():
-        subprocess.run(["apt-get", "update"], check=False)
-        subprocess.run(["apt-get", "install", "-y", "dataset-fashion-mnist"], check=True)
 
 
 def main() -> int:
@@ -61,7 +52,8 @@ def main() -> int:
                         "the threads among them (the batch is the global batch)")
     p.add_argument("--out", default="runs/bench_pretrain", help="folder for weights + results")
     args = p.parse_args(_join_extra(sys.argv[1:]))
-    ensure_dataset()
+    if not fashion_mnist_available():
+        sys.exit("Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
@@ -97,13 +89,13 @@ def main() -> int:
             "--knn-every", "0", "--no-progress", "--output", str(out / method / "trunk.pth"),
             *shlex.split(args.extra),
         ]
-        margs = parser.parse_args(argv)
+        opts = options(parser.parse_args(argv))
         if args.procs > 1:
-            rec = _pretrain_torchrun(argv, args.procs)
+            rec = _pretrain_processes(opts, args.procs)
         else:
-            rec = pretrain(margs)
+            rec = pretrain(opts)
         rec["wall_seconds"] = round(time.time() - t0, 1)
-        rec["args"] = vars(margs)  # the recipe as run (defaults resolved unless --procs > 1)
+        rec["args"] = asdict(opts)  # the recipe as run (defaults resolved unless --procs > 1)
         report(method, rec)
     print(f"budget {args.minutes} min/method, arch {args.arch}, batch {args.batch_size}, "
           f"{args.image_size}px, {torch.get_num_threads()} threads in {args.procs} "
@@ -123,23 +115,28 @@ def _join_extra(argv: list[str]) -> list[str]:
     return out
 
 
-def _pretrain_torchrun(argv: list[str], procs: int) -> dict:
-    """``torchrun -m ore pretrain ARGV``; its last metrics record (rank 0 ran the kNN)."""
+def _pretrain_processes(opts: PretrainOptions, procs: int) -> dict:
+    """``pretrain(opts)`` in ``procs`` processes on one machine (what torchrun does, through
+    its Python launcher); rank 0's last metrics record, where it ran the kNN."""
     threads = max(1, torch.get_num_threads() // procs)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={procs}", "-m", "ore", "pretrain", *argv],
-                   env=env, check=True)
-    out = Path(argv[argv.index("--output") + 1])
-    rec = json.loads((out.parent / "metrics.jsonl").read_text().splitlines()[-1])
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by each worker's torch at import
+    try:
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=procs,
+                              run_id=uuid.uuid4().hex, rdzv_backend="c10d",
+                              rdzv_endpoint="localhost:0", max_restarts=0)
+        rec = elastic_launch(config, pretrain)(opts)[0]
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
     rec["processes"], rec["threads_per_process"] = procs, threads
     return rec
 
 
 def plot(results: dict[str, dict], path: Path, title: str) -> None:
-    """Grouped bars (cosine k=200, L2 k=5) per model, with the issue's target lines."""
-    from matplotlib.figure import Figure
-
+    """Grouped bars (cosine k=200, L2 k=5) per model, with the target lines."""
     names = list(results)
     x = torch.arange(len(names)).float()
     fig = Figure(figsize=(1.2 * len(names) + 2, 4))

@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms import v2
 
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -189,8 +190,6 @@ class BatchAugment(nn.Module):
 
 def simclr_transforms(size: int, *, blur: bool = True):
     """SimCLR's per-image pipeline (torchvision ``transforms.v2``): PIL/uint8 → float [0, 1]."""
-    from torchvision.transforms import v2
-
     steps = [
         v2.ToImage(),
         v2.RandomResizedCrop(size, scale=(0.2, 1.0), antialias=True),

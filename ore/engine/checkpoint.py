@@ -23,6 +23,7 @@ from torch import nn
 from ore.data.classes import TaskSplit
 from ore.errors import OreError
 from ore.fileio import atomic_save, atomic_write_text
+from ore.modeling.backbone import load_trunk_state
 from ore.modeling.detector import OpenWorldRCNN, build_detector, load_detector_state
 
 LAST = "last_checkpoint"
@@ -48,6 +49,11 @@ def read_torch_file(path: str | Path, *, kind: str = "checkpoint", setting: str 
 def read_trunk_weights(path: str | Path) -> Any:
     """The contents of a ``MODEL.BACKBONE.WEIGHTS`` file (checked by the trunk loader)."""
     return read_torch_file(path, kind="state dict", setting="MODEL.BACKBONE.WEIGHTS")
+
+
+def load_trunk_weights(trunk: nn.Module, path: str | Path) -> None:
+    """Read a trunk's weights file and load it into ``trunk`` (strict key checks)."""
+    load_trunk_state(trunk, read_trunk_weights(path), str(path))
 
 
 def load_detector_weights(model: nn.Module, path: str | Path, split: TaskSplit) -> dict:

@@ -14,6 +14,8 @@ import contextlib
 import io
 
 import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from ore.evaluation.metrics import Detections, GroundTruth
 
@@ -28,9 +30,6 @@ def _to_xywh(boxes: np.ndarray) -> np.ndarray:
 def coco_ap(gt: GroundTruth, dets: Detections, known: tuple[int, ...]) -> dict | None:
     """``{"AP", "AP50", "AP75"}`` in percent over the ``known`` labels, or None when no
     known object exists to evaluate against."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     known_arr = np.asarray(known, np.int64)
     g = np.isin(gt.label, known_arr)
     if not g.any():

@@ -23,6 +23,7 @@ import numpy as np
 from ore.data.classes import UNKNOWN, TaskSplit
 from ore.data.records import ImageRecord
 from ore.errors import OreError
+from ore.evaluation.coco import coco_ap
 from ore.evaluation.metrics import (
     AP_METHODS,
     Detections,
@@ -235,8 +236,6 @@ class OpenWorldEvaluator:
         dets = self.evaluable_detections()
         result = open_world_metrics(self.gt, dets, self.protocol)
         if self.coco:
-            from ore.evaluation.coco import coco_ap
-
             result["coco"] = coco_ap(self.gt, dets, self.protocol.seen)
         else:
             result["coco"] = None

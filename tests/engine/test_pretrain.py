@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ore.cli import main as cli_main
-from ore.contrastive.data import fashion_mnist_available, load_fashion_mnist, read_idx
+from ore.cli.pretrain import add_arguments, options
 from ore.contrastive.methods import (
     DEFAULT_HEAD,
     DEFAULT_TEMPERATURE,
@@ -25,14 +25,11 @@ from ore.contrastive.methods import (
     METHODS,
     build_method,
 )
-from ore.contrastive.pretrain import _channels_last, add_arguments, pretrain
+from ore.data.fashion_mnist import fashion_mnist_available, load_fashion_mnist, read_idx
+from ore.engine.checkpoint import load_trunk_weights, read_trunk_weights
+from ore.engine.pretrain import _channels_last, check_options, pretrain, save_trunk
 from ore.errors import OreError
-from ore.modeling.backbone import (
-    build_fpn_backbone,
-    build_trunk,
-    load_trunk_weights,
-    trunk_out_channels,
-)
+from ore.modeling.backbone import build_fpn_backbone, build_trunk, trunk_out_channels
 
 
 def _first_weight(state, stage):
@@ -42,7 +39,7 @@ def _first_weight(state, stage):
 def _args(*argv):
     p = argparse.ArgumentParser()
     add_arguments(p)
-    return p.parse_args(list(argv))
+    return options(p.parse_args(list(argv)))
 
 
 @pytest.fixture
@@ -81,7 +78,7 @@ def test_pretrain_writes_trunk_the_detector_loads(image_dir, tmp_path, method, o
     fresh = build_trunk("tiny").state_dict()
     k4, k1 = _first_weight(state, "layer4"), _first_weight(state, "layer1")
     assert not torch.equal(fresh[k4], state[k4])
-    fpn = build_fpn_backbone(arch="tiny", weights=str(out))
+    fpn = build_fpn_backbone(arch="tiny", weights=read_trunk_weights(out))
     assert torch.equal(fpn.body.state_dict()[k1], state[k1])
     lines = (out.parent / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
@@ -113,22 +110,18 @@ def test_defaults_are_resolved_in_the_arguments(image_dir, tmp_path, method):
 
 
 def test_fashion_mnist_defaults_differ_from_image_folders(tmp_path):
-    from ore.contrastive.pretrain import _check_args
-
     args = _args("--method", "simclr", "--dataset", "fashion-mnist",
                  "--output", str(tmp_path / "t.pth"))
-    _check_args(args)  # resolves defaults without loading data
+    check_options(args)  # resolves defaults without loading data
     assert args.jitter == 0.95 and args.crop_scale == (0.4, 1.0)
 
 
 def test_resnet18_trunk_roundtrip(tmp_path):
-    from ore.contrastive.pretrain import save_trunk
-
     trunk = build_trunk("resnet18")
     out = tmp_path / "r18.pth"
     save_trunk(trunk, out)
     load_trunk_weights(build_trunk("resnet18"), out)
-    build_fpn_backbone(arch="resnet18", weights=str(out))
+    build_fpn_backbone(arch="resnet18", weights=read_trunk_weights(out))
 
 
 @pytest.mark.parametrize("head", HEADS)
@@ -208,7 +201,7 @@ def test_simclr_and_supcon_multi_crop_treat_every_crop_of_an_image_as_a_positive
 
 
 def _torchrun_pretrain(args: list[str], cwd) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "ore", "pretrain", *args],
@@ -354,7 +347,7 @@ def test_fashion_mnist_loads_and_pretrain_reports_knn(tmp_path):
 def test_bench_pretrain_takes_a_lone_flag_as_extra():
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "tools" / "bench_pretrain.py"
+    path = Path(__file__).resolve().parents[2] / "tools" / "bench_pretrain.py"
     spec = importlib.util.spec_from_file_location("bench_pretrain", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

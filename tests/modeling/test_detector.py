@@ -5,9 +5,10 @@ import torch
 
 from ore.config import load_config
 from ore.data.classes import load_task_split
+from ore.engine.checkpoint import load_detector_weights, read_trunk_weights
 from ore.errors import OreError
 from ore.modeling.backbone import build_fpn_backbone, build_trunk
-from ore.modeling.detector import build_detector, checkpoint_meta, load_detector_weights
+from ore.modeling.detector import build_detector, checkpoint_meta
 
 TOY = load_task_split("toy")
 
@@ -62,18 +63,23 @@ def test_backbone_weights_load_from_trunk_state_dict(tmp_path):
     state = {**trunk.state_dict(), "fc.weight": torch.zeros(3, 96), "head.0.bias": torch.zeros(4)}
     path = tmp_path / "trunk.pth"
     torch.save(state, path)
-    backbone = build_fpn_backbone(arch="tiny", weights=str(path), returned_stages=(2, 3, 4))
+    backbone = _fpn_from_file(path, returned_stages=(2, 3, 4))
     got = backbone.body.state_dict()
     for k, v in trunk.state_dict().items():
         torch.testing.assert_close(got[k], v)
     torch.save({"conv9.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
     with pytest.raises(OreError, match="does not match the trunk"):
-        build_fpn_backbone(arch="tiny", weights=str(tmp_path / "wrong.pth"))
+        _fpn_from_file(tmp_path / "wrong.pth")
     (tmp_path / "text.pth").write_text("hello")
     with pytest.raises(OreError, match="not a readable state dict"):
-        build_fpn_backbone(arch="tiny", weights=str(tmp_path / "text.pth"))
+        _fpn_from_file(tmp_path / "text.pth")
     with pytest.raises(OreError, match="file not found"):
-        build_fpn_backbone(arch="tiny", weights=str(tmp_path / "none.pth"))
+        _fpn_from_file(tmp_path / "none.pth")
+
+
+def _fpn_from_file(path, **kwargs):
+    return build_fpn_backbone(arch="tiny", weights=read_trunk_weights(path),
+                              weights_source=str(path), **kwargs)
 
 
 def test_resnet_trunk_uses_torchvision_key_names():

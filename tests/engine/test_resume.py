@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ore.engine.trainer import FINAL, read_metrics
+from ore.engine.layout import FINAL
+from ore.engine.metrics_log import read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _train(out: Path, toy_root: Path, *extra: str) -> subprocess.Popen:
@@ -72,7 +73,7 @@ def test_rng_states_survive_a_weights_only_checkpoint(tmp_path):
 
     import numpy as np
 
-    from ore.engine.trainer import get_rng_state, set_rng_state
+    from ore.engine.runtime import get_rng_state, set_rng_state
 
     torch.manual_seed(1)
     np.random.seed(2)

@@ -16,14 +16,9 @@ from ore.config import load_config
 from ore.data.classes import load_task_split
 from ore.errors import OreError
 from ore.modeling.detector import build_detector, checkpoint_meta
-from ore.modeling.energy import (
-    EnergyFit,
-    EnergyRelabeller,
-    Weibull3,
-    energy,
-    fit_energies,
-    fit_weibull3,
-)
+from ore.modeling.energy import EnergyRelabeller, energy
+from ore.modeling.fit_file import EnergyFit, fit_energies
+from ore.modeling.weibull import Weibull3, fit_weibull3
 
 TOY = load_task_split("toy")
 SEEN_T1 = [TOY.label(c) for c in TOY.seen(1)]

@@ -14,7 +14,7 @@ from ore.data.classes import load_task_split
 from ore.data.exemplars import select_exemplars
 from ore.data.records import load_coco_json, load_voc_split
 
-SCRIPT = Path(__file__).resolve().parents[1] / "datasets" / "prepare_owod.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "datasets" / "prepare_owod.py"
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,10 @@ import yaml
 
 from ore.cli import main
 from ore.config import load_config
-from ore.engine.trainer import FINAL, Trainer, lr_at, read_metrics
+from ore.engine.layout import FINAL
+from ore.engine.metrics_log import read_metrics
+from ore.engine.runtime import lr_at
+from ore.engine.trainer import Trainer
 from ore.fileio import atomic_write
 
 QUICK = ["SOLVER.IMS_PER_BATCH=2", "SOLVER.MAX_ITER=6", "SOLVER.CHECKPOINT_PERIOD=3",

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from ore.report import evaluate_targets, final_stage, pick_samples, write_report
+from ore.demo.figures import pick_samples
+from ore.demo.report import write_report
+from ore.demo.targets import evaluate_targets
+from ore.engine.layout import final_stage
 
 WI_KEYS = [f"0.{i}" for i in range(1, 10)]
 

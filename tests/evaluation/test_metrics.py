@@ -18,7 +18,7 @@ from ore.errors import OreError
 from ore.evaluation import metrics
 from ore.evaluation.evaluator import DETAIL_KEYS, RESULT_KEYS, OpenWorldEvaluator
 from ore.evaluation.metrics import open_world_metrics, voc_ap
-from ore.evaluation.naive import naive_metrics
+from tests.evaluation.naive import naive_metrics
 
 # Task 1 knows a, b; c (task 2) and z (never introduced) are unknown in task 1.
 SPLIT = TaskSplit("abc", (("a", "b"), ("c",)), never_introduced=("z",))

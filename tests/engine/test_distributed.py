@@ -34,7 +34,8 @@ from ore.data.classes import load_task_split
 from ore.data.dataset import DetectionDataset, image_to_tensor, read_image_rgb
 from ore.data.records import apply_role, load_split
 from ore.engine import distributed as ddp
-from ore.engine.trainer import FINAL, read_metrics
+from ore.engine.layout import FINAL
+from ore.engine.metrics_log import read_metrics
 from ore.errors import OreError
 from ore.modeling.detector import build_detector
 
@@ -146,7 +147,7 @@ def test_global_batch_must_divide_among_processes():
 
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone",
          f"--nproc_per_node={WORLD}", "-m", "ore", *args],

@@ -15,7 +15,8 @@ import yaml
 
 from ore.cli import main
 from ore.data.classes import TOY_NEVER_INTRODUCED, TOY_TASKS
-from ore.engine.trainer import FINAL, read_metrics
+from ore.engine.layout import FINAL
+from ore.engine.metrics_log import read_metrics
 
 FAST = ["DATALOADER.NUM_WORKERS=0", "SOLVER.IMS_PER_BATCH=2", "SOLVER.MAX_ITER=2",
         "SOLVER.WARMUP_ITERS=0", "INPUT.MIN_SIZE_TRAIN=[64,64]", "INPUT.MAX_SIZE_TRAIN=96"]

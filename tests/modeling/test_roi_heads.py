@@ -11,8 +11,9 @@ from ore.config import load_config
 from ore.data.classes import load_task_split
 from ore.data.exemplars import select_exemplars
 from ore.data.records import ImageRecord
+from ore.engine.checkpoint import load_detector_weights
 from ore.modeling.clustering import PrototypeStore, clustering_loss
-from ore.modeling.detector import build_detector, checkpoint_meta, load_detector_weights
+from ore.modeling.detector import build_detector, checkpoint_meta
 from ore.modeling.roi_heads import pick_unknowns
 
 TOY = load_task_split("toy")

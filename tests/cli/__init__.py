@@ -1,0 +1,1 @@
+"""Tests of the command line: every command, its bad-input messages and exit codes."""

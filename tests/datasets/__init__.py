@@ -1,0 +1,1 @@
+"""Tests of the dataset preparation scripts in datasets/."""
