@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ore.errors import OreError
+from ore.fileio import read_yaml
 
 # The detector configs shipped as package data (``toy/``, ``owod/``, ``sowod/``): a name
 # such as ``toy/t1_train.yaml`` that is not a file where the user stands is looked up here.
@@ -355,10 +356,7 @@ def _read_chain(path: Path, stack: tuple[Path, ...] = ()) -> list[tuple[Path, di
     if path in stack:
         chain = " -> ".join(str(p) for p in (*stack, path))
         raise OreError(f"config inheritance loops: {chain}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise OreError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise OreError(f"{path}: expected a mapping of config keys at the top level")
     base = data.pop("_BASE_", None)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import yaml
 
 from ore.errors import OreError
 
@@ -95,3 +96,22 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_json(path: str | Path):
+    """The JSON document in ``path``; a one-line :class:`OreError` when it is not one."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OreError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:  # absurdly deep nesting
+        raise OreError(f"{path}: not valid JSON (nested too deeply)") from None
+
+
+def read_yaml(path: str | Path):
+    """The YAML document in ``path``, read with ``yaml.safe_load`` (no tags that build
+    Python objects); a one-line :class:`OreError` when it is not valid YAML."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise OreError(f"{path}: not valid YAML ({exc})") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ore.cli.common import add_overrides
 from ore.config import load_config
 from ore.data.exemplars import build_exemplar_list
 from ore.errors import OreError
@@ -16,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-class", type=int, default=None,
                    help="images per seen class (default: EXEMPLARS.PER_CLASS)")
     p.add_argument("--output", required=True, help="ImageSets-style list file to write")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    add_overrides(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ore.cli.common import add_overrides
 from ore.config import config_to_yaml, load_config
 
 
@@ -11,7 +12,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["show"], help="show: print the merged config as YAML")
     p.add_argument("config", help="YAML config file (a path, or one shipped with ore, "
                                   "e.g. toy/t1_train.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    add_overrides(p)
 
 
 def run(args: argparse.Namespace) -> int:

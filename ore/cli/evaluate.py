@@ -4,29 +4,27 @@ from __future__ import annotations
 
 import argparse
 
+from ore.cli.common import add_batch_size, add_model_arguments, add_overrides, check_batch_size
 from ore.config import load_config
 from ore.engine.evaluate import evaluate_model
 from ore.engine.inference import Predictor
-from ore.errors import OreError
 from ore.evaluation.evaluator import RESULT_KEYS
 from ore.evaluation.report import format_table
 from ore.fileio import atomic_write_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="the config the weights were trained with")
-    p.add_argument("--weights", required=True, help="detector checkpoint (model_final.pth)")
+    add_model_arguments(p)
     p.add_argument("--split", help="list to evaluate (default: DATASETS.TEST)")
     p.add_argument("--output", help="write every figure as JSON to this file")
     p.add_argument("--ap", choices=("allpoint", "11point"), default="allpoint")
     p.add_argument("--no-coco", action="store_true", help="skip the pycocotools AP")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    add_batch_size(p)
+    add_overrides(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise OreError(f"--batch-size {args.batch_size} must be ≥ 1")
+    check_batch_size(args.batch_size)
     cfg = load_config(args.config, args.overrides)
     predictor = Predictor(cfg, args.weights)
     result, title = evaluate_model(predictor, args.split or cfg.DATASETS.TEST, ap=args.ap,

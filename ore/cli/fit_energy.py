@@ -5,28 +5,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ore.cli.common import add_batch_size, add_model_arguments, add_overrides, check_batch_size
 from ore.config import load_config
 from ore.engine.energy_fit import fit_energy
 from ore.engine.layout import ENERGY_FIT, ENERGY_PLOT
-from ore.errors import OreError
 from ore.modeling.fit_file import MODES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="the config the weights were trained with")
-    p.add_argument("--weights", required=True, help="detector checkpoint (ORE head)")
+    add_model_arguments(p, "detector checkpoint (ORE head)")
     p.add_argument("--split", help="held-out list (default: EBUI.FIT_SPLIT)")
     p.add_argument("--mode", choices=MODES, help="what counts as unknown (default: EBUI.MODE)")
     p.add_argument("--output", required=True,
                    help=f"folder for {ENERGY_FIT} and {ENERGY_PLOT}")
     p.add_argument("--max-images", type=int, default=0, help="use the first N images (0 = all)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    add_batch_size(p)
+    add_overrides(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise OreError(f"--batch-size {args.batch_size} must be ≥ 1")
+    check_batch_size(args.batch_size)
     cfg = load_config(args.config, args.overrides)
     fit = fit_energy(cfg, args.weights, args.output, split_name=args.split, mode=args.mode,
                      batch_size=args.batch_size, max_images=args.max_images)

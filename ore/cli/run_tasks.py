@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ore.cli.common import add_overrides
 from ore.engine.layout import SUMMARY
 from ore.engine.tasks import find_config_dir, format_summary, run_tasks
 
@@ -16,8 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-eval", action="store_true", help="train only")
     p.add_argument("--schedule-scale", type=float, default=1.0,
                    help="multiply every iteration count (e.g. 0.2 for a quick look)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="overrides for every task, e.g. MODEL.ROI_HEADS.NAME=standard")
+    add_overrides(p, "overrides for every task, e.g. MODEL.ROI_HEADS.NAME=standard")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ore.cli.common import add_overrides
 from ore.config import load_config
 from ore.engine.trainer import Trainer
 
@@ -13,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="YAML config (a path, or one shipped with ore, e.g. toy/t1_train.yaml)")
     p.add_argument("--output", help="run folder (default: OUTPUT_DIR from the config)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    add_overrides(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-import yaml
-
 from ore.errors import OreError
+from ore.fileio import read_yaml
 
 UNKNOWN = "unknown"
 
@@ -210,10 +209,7 @@ def load_task_split(spec: str | Path) -> TaskSplit:
         )
     if not path.is_file():
         raise OreError(f"class split file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise OreError(f"{path}: not valid YAML ({exc})") from None
+    data = read_yaml(path)
     if not isinstance(data, dict) or "tasks" not in data:
         raise OreError(f"{path}: expected a mapping with key 'tasks: [[class, ...], ...]'")
     unknown_keys = set(data) - {"tasks", "never_introduced"}

@@ -237,7 +237,7 @@ def write_report(out_dir: str | Path, *, ore_run: str | Path, baseline_run: str 
         ore_run, baseline_run: folders written by ``ore run-tasks`` for ORE and the
             closed-set baseline (``summary.json``, ``tN_train/``, ``tN_ft/``).
         toy_root: the dataset root whose ``DATASETS.TEST`` list gives the sample images.
-        ore_config: ORE's config file (or name under ``detection_configs/``); with
+        ore_config: ORE's config file (or a name shipped with ore, ``toy/t4_train.yaml``); with
             ``toy_root`` it enables the grid of sample detections. ``None`` skips the grid.
         samples: number of sample images in the grid (0 skips it).
         weights: ORE checkpoint for the grid (default: the last task's latest

@@ -16,13 +16,12 @@ The run-tasks schedule, the demo, its report and the tools all find files throug
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ore.errors import OreError
-from ore.fileio import atomic_write_json
+from ore.fileio import atomic_write_json, read_json
 
 # A task's stages in the order they run; the last one present gives the task's figures.
 # ``ebui`` is the final model evaluated with the energy-based identifier (no folder).
@@ -139,10 +138,7 @@ class RunLayout:
         path = self.summary_file
         if not path.is_file():
             raise OreError(f"run summary not found: {path} (written by `ore run-tasks`)")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise OreError(f"{path}: not valid JSON ({exc})") from None
+        data = read_json(path)
         if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
             raise OreError(f"{path}: expected {{'t1': {{'train': …, 'ft': …}}, …}}")
         return dict(sorted(data.items(), key=lambda kv: task_number(kv[0])))

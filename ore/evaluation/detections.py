@@ -9,7 +9,6 @@ entry's index.
 
 from __future__ import annotations
 
-import json
 import math
 from itertools import chain
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 
 from ore.data.classes import UNKNOWN, TaskSplit, canonical_name
 from ore.errors import OreError
+from ore.fileio import read_json
 
 _KEYS = ("image_id", "category", "score", "bbox")
 
@@ -134,10 +134,5 @@ def read_detections(path: str | Path, split: TaskSplit) -> dict:
     path = Path(path)
     if not path.is_file():
         raise OreError(f"detections file not found: {path}")
-    try:
-        entries = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise OreError(f"{path}: not valid JSON ({exc})") from None
-    except RecursionError:  # absurdly deep nesting
-        raise OreError(f"{path}: not valid detections JSON (nested too deeply)") from None
+    entries = read_json(path)
     return parse_detections(entries, split, where=str(path))

@@ -1,0 +1,27 @@
+"""Flags several commands share, declared once."""
+
+from __future__ import annotations
+
+import argparse
+
+from ore.errors import OreError
+
+
+def add_model_arguments(p: argparse.ArgumentParser,
+                        weights_help: str = "detector checkpoint (model_final.pth)") -> None:
+    """``--config`` and ``--weights`` of a trained detector."""
+    p.add_argument("--config", required=True, help="the config the weights were trained with")
+    p.add_argument("--weights", required=True, help=weights_help)
+
+
+def add_batch_size(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+
+
+def add_overrides(p: argparse.ArgumentParser, help_text: str = "config overrides") -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=help_text)
+
+
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise OreError(f"--batch-size {batch_size} must be ≥ 1")
