@@ -162,7 +162,9 @@ class DataLoaderConfig:
 class SolverConfig:
     # Images per iteration over all processes.
     IMS_PER_BATCH: int = 8
-    # SGD learning rate for IMS_PER_BATCH images.
+    # Optimiser: SGD (momentum MOMENTUM, the reference) | AdamW (betas 0.9, 0.999).
+    OPTIMIZER: str = "SGD"
+    # Learning rate for IMS_PER_BATCH images.
     BASE_LR: float = 0.01
     MOMENTUM: float = 0.9
     WEIGHT_DECAY: float = 0.0001

@@ -13,7 +13,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 import yaml
 
 from ore.errors import OreError
@@ -73,11 +72,6 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_json(path: str | Path, obj) -> Path:
     """JSON with two-space indent; NaN is refused (use None for undefined figures)."""
     return atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
-
-
-def atomic_save(obj, path: str | Path) -> Path:
-    """``torch.save`` through :func:`atomic_write`."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ unknown) and in the background. Reports, in one run:
 
 - XML parsing time (each annotation file parsed once for all classes);
 - evaluation time of ``OpenWorldEvaluator`` (ingest + evaluate, COCO off) and of
-  ``ore.evaluation.naive`` (the reference's per-class, per-detection style) on the same
+  ``tests/evaluation/naive.py`` (the reference's per-class, per-detection style) on the same
   detections, checking that both give identical figures;
 - a sweep of D (detections) with the log-log slope of time vs D;
 - peak memory (tracemalloc: numpy buffers included) of one evaluation, and the process's
@@ -31,10 +31,14 @@ from pathlib import Path
 import numpy as np
 
 from ore.data.classes import OWOD_TASKS, load_task_split
-from ore.data.records import apply_role, load_split
+from ore.data.records import load_role_split
+from ore.evaluation.coco import coco_ap
 from ore.evaluation.evaluator import RESULT_KEYS, OpenWorldEvaluator
 from ore.evaluation.metrics import open_world_metrics
-from tests.evaluation.naive import naive_metrics
+
+# The per-detection oracle lives with the tests; run as a script, tools/ is sys.path[0].
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.evaluation.naive import naive_metrics  # noqa: E402
 
 W, H = 500, 375
 
@@ -135,7 +139,7 @@ def main(argv=None) -> int:
         root = Path(tmp) / "owod"
         write_dataset(root, args.images, rng)
         t0 = time.perf_counter()
-        records = apply_role(load_split(root, "test", split), split, task, "test")
+        records = load_role_split(root, "test", split, task, "test")
         report["xml_parse_s"] = time.perf_counter() - t0
     n_obj = sum(len(r.names) for r in records)
     print(f"{args.images} images, {n_obj} objects; XML parsed once for all classes in "
@@ -166,8 +170,6 @@ def main(argv=None) -> int:
         if d == args.dets:
             report["figures"] = {k: fast[k] for k in RESULT_KEYS if k not in ("per_class_ap",)}
             if args.coco:
-                from ore.evaluation.coco import coco_ap
-
                 t0 = time.perf_counter()
                 known = ev.protocol.seen
                 report["figures"]["coco"] = coco_ap(ev.gt, ev.evaluable_detections(), known)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import socket
@@ -32,6 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from ore.config import load_config  # noqa: E402
+from ore.data.toy import write_toy_world  # noqa: E402
+from ore.engine.metrics_log import FILE as METRICS_FILE  # noqa: E402
+from ore.engine.metrics_log import read_metrics  # noqa: E402
+from ore.engine.trainer import Trainer  # noqa: E402
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -44,12 +51,7 @@ def _worker(rank: int, world: int, threads: int, port: int, overrides: list[str]
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
-    import logging
-
     logging.basicConfig(level=logging.WARNING)
-    from ore.config import load_config
-    from ore.engine.trainer import Trainer
-
     Trainer(load_config(config, overrides), Path(out) / "run").run()
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     (Path(out) / f"rss{rank}.json").write_text(json.dumps({"peak_rss_mib": peak_mib}))
@@ -65,8 +67,7 @@ def measure(world: int, threads: int, args, root: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as out:
         mp.spawn(_worker, args=(world, threads, _free_port(), overrides, args.config, out),
                  nprocs=world, join=True)
-        rows = [json.loads(line) for line in (Path(out) / "run" / "metrics.jsonl")
-                .read_text().splitlines()]
+        rows = read_metrics(Path(out) / "run" / METRICS_FILE, ("iter", "images_per_s"))
         rss = [json.loads((Path(out) / f"rss{r}.json").read_text())["peak_rss_mib"]
                for r in range(world)]
     timed = [r for r in rows if r["iter"] > args.warmup]
@@ -94,8 +95,6 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-toy-") as tmp:
         root = Path(args.root) if args.root else None
         if root is None:
-            from ore.data.toy import write_toy_world
-
             root = write_toy_world(Path(tmp) / "toy", seed=0, images_per_task=64,
                                    val_images=4, test_images=4, exemplars_per_class=2)
         results = []

@@ -21,8 +21,8 @@ import torch  # noqa: E402
 from ore.config import load_config  # noqa: E402
 from ore.data.classes import load_task_split  # noqa: E402
 from ore.data.toy import write_toy_world  # noqa: E402
+from ore.engine.checkpoint import build_model  # noqa: E402
 from ore.engine.trainer import build_train_dataset  # noqa: E402
-from ore.modeling.detector import build_detector  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
         batches = [[ds[(i * bs + j, i * bs + j)] for j in range(bs)]
                    for i in range(len(ds) // bs)]
         torch.manual_seed(0)
-        model = build_detector(cfg, split).train()
+        model = build_model(cfg, split).train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         sizes = [tuple(b[0].shape[1:]) for batch in batches for b in batch]
         mean_short = sum(min(s) for s in sizes) / len(sizes)

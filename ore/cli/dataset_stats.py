@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 
 from ore.data.classes import load_task_split, parse_task
-from ore.data.records import apply_role, load_split
+from ore.data.records import apply_role, dataset_stats, load_split
 from ore.errors import OreError
 
 
@@ -29,8 +28,7 @@ def run(args: argparse.Namespace) -> int:
         raise OreError("--task and --role go together (e.g. --task t2 --role train)")
     if args.role:
         records = apply_role(records, split, parse_task(args.task), args.role)
-    objects = Counter(n for r in records for n in r.names)
-    stats = {"images": len(records), "objects": dict(sorted(objects.items()))}
+    stats = dataset_stats(records)
     if args.json:
         print(json.dumps(stats, indent=2))
     else:

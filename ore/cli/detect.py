@@ -7,7 +7,7 @@ import argparse
 from ore.cli.common import add_batch_size, add_model_arguments, check_batch_size
 from ore.config import load_config
 from ore.data.images import collect_images
-from ore.engine.detect import DETECTIONS_FILE, detect_images
+from ore.engine.detect import detect_images
 from ore.engine.inference import Predictor
 from ore.errors import OreError
 
@@ -30,6 +30,5 @@ def run(args: argparse.Namespace) -> int:
     records = detect_images(predictor, paths, args.output, args.batch_size)
     n_unknown = sum(label == "unknown" for r in records for label in r["labels"])
     n_total = sum(len(r["labels"]) for r in records)
-    print(f"{len(records)} images, {n_total} detections ({n_unknown} unknown) → "
-          f"{args.output} ({DETECTIONS_FILE})")
+    print(f"{len(records)} images, {n_total} detections ({n_unknown} unknown) → {args.output}")
     return 0

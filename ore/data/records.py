@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import xml.etree.ElementTree as ET
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -355,3 +356,9 @@ def load_dataset_split(datasets_cfg, split_name: str, split: TaskSplit, task: in
     ``DATASETS`` section."""
     d = datasets_cfg
     return load_role_split(d.ROOT, split_name, split, task, role, d.FORMAT, d.IMAGE_DIR)
+
+
+def dataset_stats(records: list[ImageRecord]) -> dict:
+    """``{"images": n, "objects": {class: count}}`` of a list of records."""
+    objects = Counter(n for r in records for n in r.names)
+    return {"images": len(records), "objects": dict(sorted(objects.items()))}

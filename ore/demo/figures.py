@@ -18,7 +18,7 @@ from ore.data.classes import UNKNOWN
 from ore.data.records import load_dataset_split
 from ore.demo.targets import METRICS, metric_value
 from ore.engine.inference import Predictor
-from ore.engine.layout import RunLayout, final_metrics, final_stage, task_number
+from ore.engine.layout import FINAL, RunLayout, final_metrics, final_stage, task_number
 from ore.engine.metrics_log import FILE as METRICS_FILE
 from ore.engine.metrics_log import read_metrics
 from ore.errors import OreError
@@ -123,7 +123,7 @@ def render_samples(ore_run: Path, toy_root: Path, ore_config, samples: int,
     last = task_number(summary_tasks[-1])
     weights = weights or run.find_weights(last)
     if weights is None:
-        raise OreError(f"{ore_run}/{summary_tasks[-1]}_*/model_final.pth: no final weights")
+        raise OreError(f"{ore_run}/{summary_tasks[-1]}_*/{FINAL}: no final weights")
     overrides = [f"DATASETS.ROOT={toy_root}", f"OWOD.TASK={last}"]
     fit = run.find_energy_file(last)
     if fit is not None and final_stage(summary[summary_tasks[-1]]) == "ebui":

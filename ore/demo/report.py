@@ -252,7 +252,7 @@ def write_report(out_dir: str | Path, *, ore_run: str | Path, baseline_run: str 
     ore_run, baseline_run = Path(ore_run), Path(baseline_run)
     ore, baseline = RunLayout(ore_run).load_summary(), RunLayout(baseline_run).load_summary()
     if not ore:
-        raise OreError(f"{ore_run}/summary.json has no task")
+        raise OreError(f"{RunLayout(ore_run).summary_file} has no task")
     if samples < 0:
         raise OreError(f"samples={samples} must be ≥ 0")
     targets = evaluate_targets(ore, baseline)

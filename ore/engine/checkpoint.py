@@ -22,11 +22,16 @@ from torch import nn
 
 from ore.data.classes import TaskSplit
 from ore.errors import OreError
-from ore.fileio import atomic_save, atomic_write_text
+from ore.fileio import atomic_write, atomic_write_text
 from ore.modeling.backbone import load_trunk_state
 from ore.modeling.detector import OpenWorldRCNN, build_detector, load_detector_state
 
 LAST = "last_checkpoint"
+
+
+def save_torch_file(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` through :func:`ore.fileio.atomic_write` (temporary file, rename)."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def read_torch_file(path: str | Path, *, kind: str = "checkpoint", setting: str = "") -> Any:
@@ -36,14 +41,14 @@ def read_torch_file(path: str | Path, *, kind: str = "checkpoint", setting: str 
         kind: what the file should be, for the message (``checkpoint``, ``state dict``).
         setting: the key or flag that named the file, prefixed to every message.
     """
-    lead = f"{setting}: " if setting else ""
-    if not Path(path).is_file():
-        raise OreError(f"{lead}file not found: {path}" if setting
+    if not Path(path).exists():
+        raise OreError(f"{setting}: file not found: {path}" if setting
                        else f"weights file not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - anything unreadable is the user's file
-        raise OreError(f"{lead}{path}: not a readable {kind} ({type(exc).__name__})") from None
+        what = f"not a readable {kind} ({type(exc).__name__})"
+        raise OreError(f"{setting}: {path} is {what}" if setting else f"{path}: {what}") from None
 
 
 def read_trunk_weights(path: str | Path) -> Any:
@@ -85,7 +90,7 @@ class Checkpointer:
         self.keep = max(1, keep)
 
     def save(self, state: dict, name: str, periodic: bool = True) -> Path:
-        path = atomic_save(state, self.folder / name)
+        path = save_torch_file(state, self.folder / name)
         atomic_write_text(self.folder / LAST, name + "\n")
         if periodic:
             self._prune()

@@ -10,8 +10,8 @@
     <run>/<final stage>/energy/        energy fit of the task's final model (json + png)
     <run>/<final stage>/eval_ebui.json its evaluation with the energy-based identifier
 
-The run-tasks schedule, the demo, its report and the tools all find files through
-:class:`RunLayout`; no other module spells these names.
+The run-tasks schedule, the demo, its report and the tools find these files through
+:class:`RunLayout` and the names below.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ore.engine.metrics_log import FILE as METRICS_FILE
 from ore.errors import OreError
 from ore.fileio import atomic_write_json, read_json
 
@@ -124,7 +125,7 @@ class RunLayout:
 
     def metrics_logs(self) -> list[Path]:
         """Every stage's ``metrics.jsonl``."""
-        return sorted(self.root.glob("t*_*/metrics.jsonl"))
+        return sorted(self.root.glob(f"t*_*/{METRICS_FILE}"))
 
     @property
     def summary_file(self) -> Path:

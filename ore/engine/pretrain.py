@@ -38,11 +38,11 @@ from ore.contrastive.methods import (
 from ore.data.fashion_mnist import FASHION_MNIST_DIR, load_fashion_mnist
 from ore.data.images import ImageSet, load_image_folder
 from ore.engine import distributed as D
+from ore.engine.checkpoint import save_torch_file
 from ore.engine.metrics_log import FILE as METRICS_FILE
 from ore.engine.metrics_log import MetricsLog
 from ore.engine.runtime import cosine_lr, resolve_device, seed_everything
 from ore.errors import OreError
-from ore.fileio import atomic_save
 from ore.modeling.backbone import build_trunk, trunk_out_channels
 from ore.vis.plots import plot_curves
 
@@ -253,7 +253,7 @@ def _channels_last(model):
 
 def save_trunk(trunk, output: Path) -> None:
     """Write trunk.state_dict() atomically (a temp file in the same folder, then rename)."""
-    atomic_save({k: v.detach().cpu().contiguous() for k, v in trunk.state_dict().items()},
+    save_torch_file({k: v.detach().cpu().contiguous() for k, v in trunk.state_dict().items()},
                 output)
 
 
@@ -302,7 +302,7 @@ def pretrain(args: PretrainOptions) -> dict:
     try:
         method = _channels_last(method.to(device=device))
     except (RuntimeError, AssertionError) as exc:
-        raise OreError(f"--device {args.device!r}: {exc}") from None
+        raise OreError(f"--device: {args.device!r}: {exc}") from None
     model = D.wrap_model(method, device, dist_info)  # DDP averages gradients over processes
     # One data order for all processes; augmentations (the global stream) differ per process.
     order = torch.Generator().manual_seed(args.seed)

@@ -21,11 +21,10 @@ AMP_MODES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str | None, setting: str = "DEVICE") -> torch.device:
-    """``auto`` (or None): CUDA when available, else the CPU; otherwise the named device.
-
-    ``setting`` names the key or flag in error messages.
+    """``auto`` (or None, a flag not given): CUDA when available, else the CPU; otherwise
+    the named device. ``setting`` names the key or flag in error messages.
     """
-    if name in (None, "", "auto"):
+    if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise OreError(f"{setting}: {name!r} requested but CUDA is not available")
@@ -83,6 +82,20 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
         raise OreError(f"SOLVER.AMP: fp16 needs a CUDA device, this run uses {device}; "
                        "use bf16 (CPU autocast) or off")
     return AMP_MODES[mode]
+
+
+OPTIMIZERS = ("SGD", "AdamW")
+
+
+def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
+    """``SOLVER.OPTIMIZER`` over ``params`` at the schedule's first learning rate."""
+    s = cfg.SOLVER
+    if s.OPTIMIZER == "SGD":
+        return torch.optim.SGD(params, lr=lr_at(cfg, 0), momentum=s.MOMENTUM,
+                               weight_decay=s.WEIGHT_DECAY)
+    if s.OPTIMIZER == "AdamW":
+        return torch.optim.AdamW(params, lr=lr_at(cfg, 0), weight_decay=s.WEIGHT_DECAY)
+    raise OreError(f"SOLVER.OPTIMIZER: {s.OPTIMIZER!r}; expected one of {OPTIMIZERS}")
 
 
 def lr_at(cfg: DictConfig, iteration: int) -> float:

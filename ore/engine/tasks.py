@@ -12,7 +12,6 @@ checkpoint.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from ore.engine.layout import ENERGY_FIT, STAGES, RunLayout, task_key
 from ore.engine.trainer import Trainer
 from ore.errors import OreError
 from ore.evaluation.evaluator import RESULT_KEYS
-from ore.fileio import atomic_write_json, atomic_write_text
+from ore.fileio import atomic_write_json, atomic_write_text, read_json
 
 _TASK_FILE = re.compile(r"^t(\d+)_(train|ft)\.yaml$")
 
@@ -63,7 +62,7 @@ def discover_tasks(config_dir: Path) -> list[tuple[int, Path, Path | None]]:
 
 def _evaluate(cfg: DictConfig, weights: Path, out_file: Path) -> dict:
     if out_file.is_file():
-        return json.loads(out_file.read_text())
+        return read_json(out_file)
     result, _ = evaluate_model(Predictor(cfg, str(weights)), cfg.DATASETS.TEST, details=False)
     result = {k: result[k] for k in RESULT_KEYS}
     atomic_write_json(out_file, result)

@@ -30,12 +30,13 @@ from ore.data.classes import TaskSplit, load_task_split
 from ore.data.dataset import DetectionDataset, TrainTransform, make_train_loader, split_bad
 from ore.data.records import load_dataset_split
 from ore.engine import distributed as ddp
-from ore.engine.checkpoint import Checkpointer, build_model
+from ore.engine.checkpoint import Checkpointer, build_model, save_torch_file
 from ore.engine.layout import CONFIG, FINAL
 from ore.engine.metrics_log import FILE as METRICS_FILE
 from ore.engine.metrics_log import MetricsLog, truncate_metrics
 from ore.engine.runtime import (
     amp_dtype,
+    build_optimizer,
     get_rng_state,
     lr_at,
     resolve_device,
@@ -43,7 +44,7 @@ from ore.engine.runtime import (
     set_rng_state,
 )
 from ore.errors import OreError
-from ore.fileio import atomic_save, atomic_write_text
+from ore.fileio import atomic_write_text
 from ore.modeling.detector import checkpoint_meta, load_detector_state
 
 log = logging.getLogger(__name__)
@@ -109,10 +110,7 @@ class Trainer:
         model = build_model(cfg, self.split, cfg.MODEL.WEIGHTS or None)
         model.to(device).train()
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(
-            params, lr=lr_at(cfg, 0), momentum=cfg.SOLVER.MOMENTUM,
-            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
-        )
+        optimizer = build_optimizer(cfg, params)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.SOLVER.AMP == "fp16")
         if info.distributed:
             # RPN and RoI sampling draw from the global generator: a stream per process.
@@ -137,7 +135,7 @@ class Trainer:
         model = ddp.wrap_model(model, device, info)
         self._loop(model, optimizer, scaler, dataset, batch, dtype, start, rng_state)
         if info.is_main:
-            atomic_save(
+            save_torch_file(
                 {"model": ddp.unwrap(model).state_dict(),
                  "meta": checkpoint_meta(cfg, self.split),
                  "config": OmegaConf.to_container(cfg)},

@@ -113,7 +113,8 @@ class EnergyFit:
 
 def fit_energies(known_s: np.ndarray, unknown_s: np.ndarray, *, temperature: float, mode: str,
                  seen_classes: Sequence[str]) -> EnergyFit:
-    """Fit both sets of negated energies (see the module docstring)."""
+    """Fit a 3-parameter Weibull (:func:`~ore.modeling.weibull.fit_weibull3`) to each set
+    of negated energies s = −E (:func:`~ore.modeling.energy.energy`)."""
     known, ll_k = fit_weibull3(known_s, "the known set")
     unknown, ll_u = fit_weibull3(unknown_s, "the unknown set")
     return EnergyFit(
