@@ -144,3 +144,20 @@ def test_atomic_outputs_get_umask_modes_not_temp_file_modes(tmp_path):
     with atomic_folder(tmp_path / "folder") as d:
         (d / "x").write_text("x")
     assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o777 & ~umask
+
+
+def test_optimizer_choice_and_a_bad_name():
+    from ore.engine.runtime import build_optimizer
+    from ore.errors import OreError
+
+    params = [torch.nn.Parameter(torch.ones(3))]
+    for name, kind in (("SGD", torch.optim.SGD), ("AdamW", torch.optim.AdamW)):
+        cfg = load_config("toy/t1_train.yaml", [f"SOLVER.OPTIMIZER={name}",
+                                                 "SOLVER.WEIGHT_DECAY=0.5"])
+        opt = build_optimizer(cfg, params)
+        assert type(opt) is kind
+        assert opt.param_groups[0]["weight_decay"] == 0.5
+        assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(cfg, 0))
+    cfg = load_config("toy/t1_train.yaml", ["SOLVER.OPTIMIZER=adam"])
+    with pytest.raises(OreError, match=r"SOLVER.OPTIMIZER: 'adam'; expected one of"):
+        build_optimizer(cfg, params)
