@@ -245,6 +245,9 @@ class EBUIConfig:
     MODE: str = "labelled"
     # Held-out list whose RoIs are fitted (test role: unseen classes become unknown).
     FIT_SPLIT: str = "all_task_val"
+    # Prior of the relabelling decision: equal (compare the two densities, the reference) |
+    # counts (weigh each density by its share of the fit's samples: the Bayes decision).
+    PRIOR: str = "equal"
     # `ore run-tasks` fits the energy after each task (ORE head) and adds an "ebui" evaluation.
     RUN_TASKS: bool = True
 

@@ -56,9 +56,9 @@ def _target_value_text(name: str, tgt: dict) -> str:
     if name == "known_map_ratio":
         return (f"{_fmt(None if v is None else 100 * v)}% "
                 f"({_fmt(tgt['ore'])} vs {_fmt(tgt['baseline'])})")
-    if name == "prev_known_after_ft":
-        sign = "" if v is None or v < 0 else "+"
-        return f"{_fmt(tgt['before'])} → {_fmt(tgt['after'])} ({sign}{_fmt(v)})"
+    if name == "prev_known_kept":
+        return (f"{_fmt(tgt['before'])} → {_fmt(tgt['after'])} "
+                f"({_fmt(None if v is None else 100 * v)}%)")
     digits = 4 if name == "wi" else 0
     return f"{_fmt(v, digits)} vs {_fmt(tgt['baseline'], digits)}"
 

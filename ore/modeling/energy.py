@@ -44,6 +44,9 @@ def energy(logits: torch.Tensor, seen_labels: Sequence[int], temperature: float)
     return -temperature * torch.logsumexp(g / temperature, dim=-1)
 
 
+PRIORS = ("equal", "counts")
+
+
 class EnergyRelabeller:
     """Relabels known-class detections as ``unknown`` by their energy, then re-runs NMS.
 
@@ -54,17 +57,24 @@ class EnergyRelabeller:
         fit: the energy fit.
         seen_labels: label indices of the seen known classes (energy and "known-class").
         unknown_label: K + 1.
+        log_prior_ratio: log P(unknown) − log P(known), added to the unknown side of the
+            comparison. 0 compares the two densities (the reference); the log ratio of the
+            fit's sample counts makes it the Bayes decision for RoIs distributed like the
+            fit's.
     """
 
-    def __init__(self, fit: EnergyFit, seen_labels: Sequence[int], unknown_label: int):
+    def __init__(self, fit: EnergyFit, seen_labels: Sequence[int], unknown_label: int,
+                 log_prior_ratio: float = 0.0):
         self.fit = fit
         self.seen_labels = list(seen_labels)
         self.unknown_label = unknown_label
+        self.log_prior_ratio = float(log_prior_ratio)
 
     def is_unknown(self, logits: torch.Tensor) -> torch.Tensor:
-        """[N] bool: density under the unknown fit > density under the known fit."""
+        """[N] bool: log density under the unknown fit + the log prior ratio > log density
+        under the known fit."""
         s = -energy(logits, self.seen_labels, self.fit.temperature)  # [N]
-        return self.fit.unknown.logpdf(s) > self.fit.known.logpdf(s)
+        return self.fit.unknown.logpdf(s) + self.log_prior_ratio > self.fit.known.logpdf(s)
 
     def __call__(self, det: dict, nms_thresh: float) -> dict:
         """One image's detections (``boxes``, ``scores``, ``labels``, ``logits``, …) →
@@ -100,4 +110,14 @@ def build_relabeller(ebui_cfg, split, task: int) -> EnergyRelabeller:
             f"{ebui_cfg.FIT_FILE}: fitted with temperature {fit.temperature:g} but "
             f"EBUI.TEMPERATURE is {float(ebui_cfg.TEMPERATURE):g}; use the same T for both"
         )
-    return EnergyRelabeller(fit, [split.label(c) for c in seen], split.unknown_label)
+    if ebui_cfg.PRIOR not in PRIORS:
+        raise OreError(f"EBUI.PRIOR: {ebui_cfg.PRIOR!r}; expected one of {PRIORS}")
+    log_ratio = 0.0
+    if ebui_cfg.PRIOR == "counts":
+        n_known, n_unknown = (int(fit.counts.get(k, 0)) for k in ("known", "unknown"))
+        if n_known < 1 or n_unknown < 1:
+            raise OreError(f"{ebui_cfg.FIT_FILE}: EBUI.PRIOR=counts needs the sample counts "
+                           f"of both sets, the file has {fit.counts or 'none'}")
+        log_ratio = math.log(n_unknown / n_known)
+    return EnergyRelabeller(fit, [split.label(c) for c in seen], split.unknown_label,
+                            log_ratio)

@@ -297,3 +297,27 @@ def test_run_tasks_step_fits_then_evaluates_with_ebui(toy_root, tmp_path):
     assert (stage / "eval_ebui.json").is_file() and "unknown_recall" in result
     table = format_summary({"t1": {"train": result, "ft": None, "ebui": result}})
     assert "t1 ebui" in table
+
+
+def test_counts_prior_weighs_the_densities_by_the_fit_sample_shares(tmp_path):
+    from ore.modeling.energy import build_relabeller
+
+    fit = make_fit()  # counts: 10 known, 5 unknown
+    fit.save(tmp_path / "fit.json")
+    s = np.linspace(-0.9, 8.0, 400)
+    log_k, log_u = fit.known.logpdf(s), fit.unknown.logpdf(s)
+    for prior, log_ratio in (("equal", 0.0), ("counts", math.log(5 / 10))):
+        cfg = ebui_cfg(tmp_path / "fit.json", f"EBUI.PRIOR={prior}")
+        relabel = build_relabeller(cfg.EBUI, TOY, 1)
+        got = relabel.is_unknown(logits_for(s.tolist())).numpy()
+        expected = log_u + log_ratio > log_k  # the decision written from the formula
+        assert (got == expected).all()
+    # The prior moves the boundary: some RoIs unknown under equal priors stay known.
+    assert ((log_u > log_k) & ~(log_u + math.log(0.5) > log_k)).any()
+    with pytest.raises(OreError, match=r"EBUI.PRIOR: 'flat'; expected one of"):
+        build_relabeller(ebui_cfg(tmp_path / "fit.json", "EBUI.PRIOR=flat").EBUI, TOY, 1)
+    fit.counts = {}
+    fit.save(tmp_path / "nocounts.json")
+    with pytest.raises(OreError, match="EBUI.PRIOR=counts needs the sample counts"):
+        build_relabeller(ebui_cfg(tmp_path / "nocounts.json", "EBUI.PRIOR=counts").EBUI,
+                         TOY, 1)
