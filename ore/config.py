@@ -250,6 +250,9 @@ class EBUIConfig:
     PRIOR: str = "equal"
     # `ore run-tasks` fits the energy after each task (ORE head) and adds an "ebui" evaluation.
     RUN_TASKS: bool = True
+    # The "ebui" evaluation is the task's reported figure (the paper's ORE); false: it is
+    # kept as a diagnostic and the finetuned (or trained) model without EBUI is reported.
+    REPORTED: bool = True
 
 
 @dataclass

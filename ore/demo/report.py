@@ -263,7 +263,7 @@ def write_report(out_dir: str | Path, *, ore_run: str | Path, baseline_run: str 
     doc.md.append(f"# {title}\n")
     stages = ", ".join(f"{t.upper()}: {final_stage(s) or '–'}" for t, s in ore.items())
     doc.para(f"ORE run <code>{html.escape(str(ore_run))}</code> · baseline run "
-             f"<code>{html.escape(str(baseline_run))}</code> · figures of each task's last "
+             f"<code>{html.escape(str(baseline_run))}</code> · figures of each task's reported "
              f"stage ({html.escape(stages)})", cls="sub")
 
     doc.heading("What you are looking at")
@@ -313,7 +313,9 @@ def write_report(out_dir: str | Path, *, ore_run: str | Path, baseline_run: str 
     doc.heading("Energy of known and unknown detections")
     doc.para("The energy-based unknown identifier fits one Weibull distribution to the energy "
              "of known and one to that of unknown detections; a detection is called unknown "
-             "where the unknown fit is the more likely.", cls="note")
+             "where the unknown fit is the more likely. A task reported at its <i>ft</i> or "
+             "<i>train</i> stage was evaluated with it as well (EBUI.REPORTED is off): "
+             "its <i>ebui</i> figures are in metrics.json.", cls="note")
     figures = []
     for t in tasks:
         p = RunLayout(ore_run).find_energy_file(task_number(t), ENERGY_PLOT)

@@ -2,7 +2,8 @@
 
 ::
 
-    <run>/summary.json                 {"t1": {"train": metrics, "ft": …, "ebui": …}, …}
+    <run>/summary.json                 {"t1": {"train": metrics, "ft": …, "ebui": …,
+                                               "reported": stage}, …}
     <run>/tN_train/                    training of task N (weights, config, metrics.jsonl)
     <run>/tN_train/eval.json           its evaluation on DATASETS.TEST
     <run>/tN_ft/exemplars.txt          the balanced exemplar list of the finetune
@@ -54,12 +55,20 @@ def task_number(key: str) -> int:
     return int(m.group(1))
 
 
-def final_stage(stages: dict | None) -> str | None:
-    """The stage whose figures stand for a task: the last of :data:`STAGES` with results.
+REPORTED = "reported"  # summary key: the stage run-tasks reports for a task
 
-    ``"ebui"`` when present, else ``"ft"``, else ``"train"``; ``None`` when no stage has
-    figures. Stages with another name are ignored.
+
+def final_stage(stages: dict | None) -> str | None:
+    """The stage whose figures stand for a task.
+
+    The stage named under ``"reported"`` when the summary says so (run-tasks does, see
+    ``EBUI.REPORTED``) and it has figures; otherwise the last of :data:`STAGES` with
+    results: ``"ebui"`` when present, else ``"ft"``, else ``"train"``; ``None`` when no
+    stage has figures. Stages with another name are ignored.
     """
+    chosen = (stages or {}).get(REPORTED)
+    if chosen in STAGES and stages.get(chosen) is not None:
+        return chosen
     for stage in reversed(STAGES):
         if (stages or {}).get(stage) is not None:
             return stage

@@ -22,7 +22,7 @@ from ore.data.exemplars import build_exemplar_list
 from ore.engine.energy_fit import fit_energy
 from ore.engine.evaluate import evaluate_model
 from ore.engine.inference import Predictor
-from ore.engine.layout import ENERGY_FIT, STAGES, RunLayout, task_key
+from ore.engine.layout import ENERGY_FIT, REPORTED, STAGES, RunLayout, final_stage, task_key
 from ore.engine.trainer import Trainer
 from ore.errors import OreError
 from ore.evaluation.evaluator import RESULT_KEYS
@@ -115,8 +115,9 @@ def planned_iterations(config_dir: Path, overrides: list[str] = (), scale: float
 def run_tasks(config_dir: str | Path, output: str | Path, overrides: list[str] = (),
               evaluate: bool = True, schedule_scale: float = 1.0) -> dict:
     """Run every task; returns ``{"t1": {"train": metrics, "ft": metrics|None,
-    "ebui": metrics|None}, …}``; ``ebui`` is the task's final model (finetuned when there
-    is a finetune) with the energy-based unknown identifier on. ``schedule_scale``
+    "ebui": metrics|None, "reported": stage}, …}``; ``ebui`` is the task's final model
+    (finetuned when there is a finetune) with the energy-based unknown identifier on, and
+    ``reported`` the stage whose figures stand for the task (``EBUI.REPORTED``). ``schedule_scale``
     multiplies every iteration count (a quick run: 0.1; more data: > 1)."""
     if schedule_scale <= 0:
         raise OreError(f"schedule scale {schedule_scale} must be > 0")
@@ -160,6 +161,9 @@ def run_tasks(config_dir: str | Path, output: str | Path, overrides: list[str] =
         if cfg.EBUI.RUN_TASKS and cfg.MODEL.ROI_HEADS.NAME == "ore":
             # EBUI on the task's final model: fit on the held-out split, then evaluate with it.
             stages["ebui"] = _fit_and_evaluate_ebui(*last, final, evaluate)
+        if evaluate:
+            shown = stages if cfg.EBUI.REPORTED else {**stages, "ebui": None}
+            stages[REPORTED] = final_stage(shown)
         prev = final
     run.write_summary(summary)
     return summary

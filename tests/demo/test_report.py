@@ -79,6 +79,20 @@ def test_final_stage_order():
     assert final_stage(None) is None
 
 
+def test_final_stage_follows_the_reported_stage_of_the_summary():
+    stages = {"train": {}, "ft": {"x": 1}, "ebui": {"x": 2}, "reported": "ft"}
+    assert final_stage(stages) == "ft"
+    assert final_stage({**stages, "reported": "ebui"}) == "ebui"
+    # A reported stage without figures, or an unknown name, falls back to the order.
+    assert final_stage({**stages, "ft": None, "reported": "ft"}) == "ebui"
+    assert final_stage({**stages, "reported": "nonsense"}) == "ebui"
+    t = evaluate_targets({"t1": {"train": metrics(both=60.0, ur=55.0), "ft": None,
+                                 "ebui": metrics(both=40.0, ur=70.0), "reported": "train"}},
+                         {"t1": {"train": metrics(both=62.0)}})
+    assert t["t1"]["known_map_ratio"]["value"] == pytest.approx(60 / 62)
+    assert t["t1"]["u_recall"]["value"] == 55.0
+
+
 def test_targets_on_hand_made_numbers():
     t = evaluate_targets(ore_summary(), baseline_summary())
     # T1: U-Recall 31.5 < 50; 71.4 / 74 = 0.965 ≥ 0.95; WI and A-OSE below the baseline's.
