@@ -15,7 +15,6 @@ training resolution. Needs the Debian package ``dataset-fashion-mnist``
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 import time
@@ -32,6 +31,7 @@ from ore.contrastive.knn import KNNMonitor
 from ore.contrastive.methods import METHODS, PooledTrunk
 from ore.data.fashion_mnist import fashion_mnist_available, load_fashion_mnist
 from ore.engine.pretrain import DEFAULT_SIZE, Preprocess, PretrainOptions, pretrain
+from ore.engine.runtime import environment
 from ore.fileio import atomic_write, atomic_write_json
 from ore.modeling.backbone import build_trunk
 
@@ -119,18 +119,11 @@ def _pretrain_processes(opts: PretrainOptions, procs: int) -> dict:
     """``pretrain(opts)`` in ``procs`` processes on one machine (what torchrun does, through
     its Python launcher); rank 0's last metrics record, where it ran the kNN."""
     threads = max(1, torch.get_num_threads() // procs)
-    saved = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by each worker's torch at import
-    try:
-        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=procs,
-                              run_id=uuid.uuid4().hex, rdzv_backend="c10d",
-                              rdzv_endpoint="localhost:0", max_restarts=0)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=procs,
+                          run_id=uuid.uuid4().hex, rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", max_restarts=0)
+    with environment(OMP_NUM_THREADS=str(threads)):
         rec = elastic_launch(config, pretrain)(opts)[0]
-    finally:
-        if saved is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved
     rec["processes"], rec["threads_per_process"] = procs, threads
     return rec
 

@@ -250,9 +250,10 @@ def write_report(out_dir: str | Path, *, ore_run: str | Path, baseline_run: str 
     """
     out = Path(out_dir)
     ore_run, baseline_run = Path(ore_run), Path(baseline_run)
-    ore, baseline = RunLayout(ore_run).load_summary(), RunLayout(baseline_run).load_summary()
+    ore_layout = RunLayout(ore_run)
+    ore, baseline = ore_layout.load_summary(), RunLayout(baseline_run).load_summary()
     if not ore:
-        raise OreError(f"{RunLayout(ore_run).summary_file} has no task")
+        raise OreError(f"{ore_layout.summary_file} has no task")
     if samples < 0:
         raise OreError(f"samples={samples} must be ≥ 0")
     targets = evaluate_targets(ore, baseline)
@@ -318,7 +319,7 @@ def write_report(out_dir: str | Path, *, ore_run: str | Path, baseline_run: str 
              "its <i>ebui</i> figures are in metrics.json.", cls="note")
     figures = []
     for t in tasks:
-        p = RunLayout(ore_run).find_energy_file(task_number(t), ENERGY_PLOT)
+        p = ore_layout.find_energy_file(task_number(t), ENERGY_PLOT)
         if p is None:
             figures.append(f'<figure class="none">{t.upper()}: no energy fit</figure>')
             doc.md.append(f"*{t.upper()}: no energy fit*\n")

@@ -28,6 +28,7 @@ from ore.data.toy import write_toy_world
 from ore.demo.report import write_report
 from ore.engine.layout import RunLayout
 from ore.engine.metrics_log import read_metrics
+from ore.engine.runtime import environment
 from ore.engine.tasks import planned_iterations, run_tasks
 from ore.errors import OreError
 
@@ -70,23 +71,15 @@ def _run_side_by_side(jobs: dict[str, dict], progress) -> None:
 
     The first failure is raised after every job has stopped (an OreError keeps its line).
     """
-    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
-    # Read by each worker's torch at import: one thread each, no spinning.
-    os.environ.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch
-    try:
-        with cf.ProcessPoolExecutor(max_workers=len(jobs), mp_context=context) as pool:
-            futures = {pool.submit(_run_in_worker, **job): name for name, job in jobs.items()}
-            pending = set(futures)
-            while pending:
-                _, pending = cf.wait(pending, timeout=2)
-                progress()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    # One thread per worker, no spinning.
+    with environment(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE"), \
+            cf.ProcessPoolExecutor(max_workers=len(jobs), mp_context=context) as pool:
+        futures = {pool.submit(_run_in_worker, **job): name for name, job in jobs.items()}
+        pending = set(futures)
+        while pending:
+            _, pending = cf.wait(pending, timeout=2)
+            progress()
     for future, name in futures.items():
         exc = future.exception()
         if exc is None:

@@ -114,10 +114,3 @@ class Checkpointer:
             return None
         path = self.folder / marker.read_text().strip()
         return path if path.is_file() else None
-
-    @staticmethod
-    def load(path: str | Path) -> dict:
-        obj = read_torch_file(path)
-        if not isinstance(obj, dict) or "model" not in obj:
-            raise OreError(f"{path}: not an ORE checkpoint (no 'model' entry)")
-        return obj

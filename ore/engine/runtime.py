@@ -8,8 +8,11 @@ a resumed run continues exactly where it stopped and holds no scheduler state.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -32,6 +35,22 @@ def resolve_device(name: str | None, setting: str = "DEVICE") -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise OreError(f"{setting}: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+
+
+@contextlib.contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of a block (for worker processes started
+    inside it, e.g. ``OMP_NUM_THREADS``, read by their torch at import), then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

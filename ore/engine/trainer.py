@@ -30,7 +30,7 @@ from ore.data.classes import TaskSplit, load_task_split
 from ore.data.dataset import DetectionDataset, TrainTransform, make_train_loader, split_bad
 from ore.data.records import load_dataset_split
 from ore.engine import distributed as ddp
-from ore.engine.checkpoint import Checkpointer, build_model, save_torch_file
+from ore.engine.checkpoint import Checkpointer, build_model, read_torch_file, save_torch_file
 from ore.engine.layout import CONFIG, FINAL
 from ore.engine.metrics_log import FILE as METRICS_FILE
 from ore.engine.metrics_log import MetricsLog, truncate_metrics
@@ -119,8 +119,8 @@ class Trainer:
         last = self.checkpointer.latest() if self.resume else None
         last = collective.broadcast_object(last)  # every process resumes from the same file
         if last is not None:
-            state = Checkpointer.load(last)  # read once: weights, optimiser, RNG, iteration
-            load_detector_state(model, state, self.split, str(last))
+            state = read_torch_file(last)  # read once: weights, optimiser, RNG, iteration
+            load_detector_state(model, state, self.split, str(last))  # checks its structure
             optimizer.load_state_dict(state["optimizer"])
             if state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])

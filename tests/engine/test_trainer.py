@@ -161,3 +161,16 @@ def test_optimizer_choice_and_a_bad_name():
     cfg = load_config("toy/t1_train.yaml", ["SOLVER.OPTIMIZER=adam"])
     with pytest.raises(OreError, match=r"SOLVER.OPTIMIZER: 'adam'; expected one of"):
         build_optimizer(cfg, params)
+
+
+def test_environment_sets_then_restores_variables(monkeypatch):
+    import os
+
+    from ore.engine.runtime import environment
+
+    monkeypatch.setenv("ORE_TEST_SET", "before")
+    monkeypatch.delenv("ORE_TEST_UNSET", raising=False)
+    with pytest.raises(RuntimeError), environment(ORE_TEST_SET="1", ORE_TEST_UNSET="2"):
+        assert (os.environ["ORE_TEST_SET"], os.environ["ORE_TEST_UNSET"]) == ("1", "2")
+        raise RuntimeError  # restored on the way out of a failing block too
+    assert os.environ["ORE_TEST_SET"] == "before" and "ORE_TEST_UNSET" not in os.environ
