@@ -74,6 +74,11 @@ class RPNConfig:
     # Anchors sampled per image for the RPN loss, and the positive fraction among them.
     BATCH_SIZE_PER_IMAGE: int = 256
     POSITIVE_FRACTION: float = 0.5
+    # How objectness is learnt: classification (Faster R-CNN: unannotated objects are
+    # negatives) | quality (regress the anchor's IoU with a GT box on anchors with
+    # IoU >= QUALITY_IOU only; nothing is a negative). See ore/modeling/rpn.py.
+    OBJECTNESS: str = "classification"
+    QUALITY_IOU: float = 0.3
 
 
 @dataclass
@@ -88,6 +93,8 @@ class ROIHeadsConfig:
     BG_IOU_THRESH: float = 0.5
     # Detections under this score are dropped at test time.
     SCORE_THRESH_TEST: float = 0.05
+    # The same for detections labelled unknown (ORE head); < 0 = SCORE_THRESH_TEST.
+    UNKNOWN_SCORE_THRESH_TEST: float = -1.0
     # Class-wise NMS IoU threshold at test time.
     NMS_THRESH_TEST: float = 0.5
     # Most detections kept per image.
@@ -199,6 +206,12 @@ class OWODConfig:
     UNK_SOURCE: str = "proposals"
     # A candidate unknown overlaps every GT box by less than this IoU.
     UNK_IOU_THRESH: float = 0.5
+    # What the RPN learns of the top proposals overlapping no GT box (ORE head; picked as
+    # with UNK_SOURCE proposals): negative (the paper: anchors on them stay negatives) |
+    # ignore (negative anchors near them leave the loss) | positive (RPN targets like GT).
+    RPN_UNKNOWNS: str = "negative"
+    # How many top proposals per image that mode applies to (0 = NUM_UNK_PER_IMAGE).
+    RPN_NUM_UNK: int = 0
 
 
 @dataclass

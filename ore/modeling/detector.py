@@ -28,7 +28,7 @@ from ore.modeling.backbone import build_fpn_backbone
 from ore.modeling.clustering import PrototypeStore
 from ore.modeling.energy import build_relabeller
 from ore.modeling.roi_heads import UNK_SOURCES, ORERoIHeads, StandardRoIHeads
-from ore.modeling.rpn import ScoredRPN
+from ore.modeling.rpn import OBJECTNESS_MODES, RPN_UNKNOWN_MODES, ScoredRPN
 
 BACKBONES = {"resnet50_fpn": "resnet50", "resnet18_fpn": "resnet18", "tiny_fpn": "tiny"}
 ROI_HEADS = ("standard", "ore")
@@ -117,6 +117,12 @@ def build_detector(cfg: DictConfig, split: TaskSplit, *, backbone_weights: Any =
         )
     if m.ROI_HEADS.NAME not in ROI_HEADS:
         raise OreError(f"MODEL.ROI_HEADS.NAME: {m.ROI_HEADS.NAME!r}; expected one of {ROI_HEADS}")
+    if m.RPN.OBJECTNESS not in OBJECTNESS_MODES:
+        raise OreError(f"MODEL.RPN.OBJECTNESS: {m.RPN.OBJECTNESS!r}; expected one of "
+                       f"{OBJECTNESS_MODES}")
+    if cfg.OWOD.RPN_UNKNOWNS not in RPN_UNKNOWN_MODES:
+        raise OreError(f"OWOD.RPN_UNKNOWNS: {cfg.OWOD.RPN_UNKNOWNS!r}; expected one of "
+                       f"{RPN_UNKNOWN_MODES}")
     if cfg.OWOD.UNK_SOURCE not in UNK_SOURCES:
         raise OreError(f"OWOD.UNK_SOURCE: {cfg.OWOD.UNK_SOURCE!r}; expected one of {UNK_SOURCES}")
     stages = tuple(m.BACKBONE.RETURNED_STAGES)
@@ -143,7 +149,10 @@ def build_detector(cfg: DictConfig, split: TaskSplit, *, backbone_weights: Any =
         rpn_cfg.POSITIVE_FRACTION,
         dict(training=rpn_cfg.PRE_NMS_TOP_N_TRAIN, testing=rpn_cfg.PRE_NMS_TOP_N_TEST),
         dict(training=rpn_cfg.POST_NMS_TOP_N_TRAIN, testing=rpn_cfg.POST_NMS_TOP_N_TEST),
-        rpn_cfg.NMS_THRESH,
+        rpn_cfg.NMS_THRESH, objectness=rpn_cfg.OBJECTNESS, quality_iou=rpn_cfg.QUALITY_IOU,
+        unknowns=cfg.OWOD.RPN_UNKNOWNS if m.ROI_HEADS.NAME == "ore" else "negative",
+        num_unknowns=cfg.OWOD.RPN_NUM_UNK or cfg.OWOD.NUM_UNK_PER_IMAGE,
+        unknown_iou=cfg.OWOD.UNK_IOU_THRESH,
     )
     res = m.ROI_BOX_HEAD.POOLER_RESOLUTION
     roi = m.ROI_HEADS
@@ -170,6 +179,8 @@ def build_detector(cfg: DictConfig, split: TaskSplit, *, backbone_weights: Any =
             unk_source=o.UNK_SOURCE, unk_iou_thresh=o.UNK_IOU_THRESH,
             store=store, clustering_enabled=c.ENABLED, clustering_margin=c.MARGIN,
             distance_p=c.DISTANCE_P, clustering_weight=c.LOSS_WEIGHT,
+            unknown_score_thresh=(roi.UNKNOWN_SCORE_THRESH_TEST
+                                  if roi.UNKNOWN_SCORE_THRESH_TEST >= 0 else None),
         )
     else:
         heads = StandardRoIHeads(

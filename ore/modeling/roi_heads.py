@@ -55,7 +55,9 @@ class ORERoIHeads(RoIHeads):
 
     Inference: every detection carries its classifier ``logits`` [C] (masked classes at
     −inf) and its RoI ``features`` [D], and boxes are kept down to ``score_thresh`` (which
-    may be 0) so that energies can be computed for low-score boxes too. With a
+    may be 0) so that energies can be computed for low-score boxes too; unknown ones down
+    to ``unknown_score_thresh`` when given (the unknown class learns from a few
+    auto-labelled boxes per image, so its probabilities run lower than the known ones'). With a
     ``relabeller`` (EBUI, ``ore.modeling.energy``) known-class detections may then be
     relabelled ``unknown`` and NMS runs again.
     """
@@ -67,6 +69,7 @@ class ORERoIHeads(RoIHeads):
         num_unk_per_image: int = 1, unk_source: str = "proposals", unk_iou_thresh: float = 0.5,
         store: PrototypeStore, clustering_enabled: bool = True,
         clustering_margin: float = 10.0, distance_p: float = 2.0, clustering_weight: float = 0.1,
+        unknown_score_thresh: float | None = None,
     ):
         super().__init__(
             box_roi_pool, box_head, box_predictor, fg_iou_thresh, bg_iou_thresh,
@@ -79,6 +82,8 @@ class ORERoIHeads(RoIHeads):
         self.num_unk_per_image = num_unk_per_image
         self.unk_source = unk_source
         self.unk_iou_thresh = unk_iou_thresh
+        # Test-time score threshold of unknown detections (None: ``score_thresh``).
+        self.unknown_score_thresh = unknown_score_thresh
         # The store is always kept (it travels in checkpoints from task to task); with
         # clustering off (the exemplar finetune) it is neither updated nor used.
         self.store = store
@@ -176,7 +181,10 @@ class ORERoIHeads(RoIHeads):
             label = torch.arange(num_classes, device=boxes.device)[None].expand(n, num_classes)
             boxes, scores = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1)
             roi, label = roi[:, 1:].reshape(-1), label[:, 1:].reshape(-1)
-            keep = torch.where(scores > self.score_thresh)[0]
+            thresh = torch.full_like(scores, self.score_thresh)
+            if self.unknown_score_thresh is not None:
+                thresh[label == self.unknown_label] = self.unknown_score_thresh
+            keep = torch.where(scores > thresh)[0]
             keep = keep[box_ops.remove_small_boxes(boxes[keep], min_size=1e-2)]
             keep = keep[box_ops.batched_nms(boxes[keep], scores[keep], label[keep],
                                             self.nms_thresh)][: self.detections_per_img]
