@@ -30,7 +30,8 @@ class Predictor:
     Args:
         cfg: the config (class split, task, model and test-time input sizes).
         weights: a detector checkpoint written by ``ore train``.
-        score_thresh: overrides ``MODEL.ROI_HEADS.SCORE_THRESH_TEST`` when given.
+        score_thresh: overrides ``MODEL.ROI_HEADS.SCORE_THRESH_TEST`` (and
+            ``UNKNOWN_SCORE_THRESH_TEST``) when given.
     """
 
     def __init__(self, cfg: DictConfig, weights: str, score_thresh: float | None = None):
@@ -39,7 +40,10 @@ class Predictor:
         self.device = resolve_device(cfg.DEVICE)
         self.model = build_model(cfg, self.split, weights)
         if score_thresh is not None:
+            # One threshold given by the user holds for every class, unknown included.
             self.model.roi_heads.score_thresh = float(score_thresh)
+            if hasattr(self.model.roi_heads, "unknown_score_thresh"):
+                self.model.roi_heads.unknown_score_thresh = float(score_thresh)
         self.model.to(self.device).eval()
 
     @torch.inference_mode()

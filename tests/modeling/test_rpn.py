@@ -152,3 +152,14 @@ def test_unknown_detections_have_their_own_score_threshold():
     assert kept[0] == 1 and TOY.unknown_label in kept
     # Known classes keep the shared threshold: class 1 at 1e-6 on RoI 1 is not kept.
     assert kept.count(1) == 1
+
+
+def test_an_explicit_predictor_threshold_holds_for_unknowns_too(monkeypatch):
+    from ore.engine import inference
+
+    cfg = load_config("toy/t1_train.yaml", ["MODEL.ROI_HEADS.UNKNOWN_SCORE_THRESH_TEST=0.001"])
+    monkeypatch.setattr(inference, "build_model", lambda c, split, w: build_detector(c, split))
+    heads = inference.Predictor(cfg, "unused.pth", score_thresh=0.4).model.roi_heads
+    assert (heads.score_thresh, heads.unknown_score_thresh) == (0.4, 0.4)
+    heads = inference.Predictor(cfg, "unused.pth").model.roi_heads
+    assert (heads.score_thresh, heads.unknown_score_thresh) == (0.05, 0.001)
