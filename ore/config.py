@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +137,9 @@ class InputConfig:
     # Per-channel RGB mean and std (0..1 pixel scale) used to normalise images.
     PIXEL_MEAN: list[float] = _list(0.485, 0.456, 0.406)
     PIXEL_STD: list[float] = _list(0.229, 0.224, 0.225)
+    # Images with more pixels are refused from their header, before decoding (a small PNG
+    # can hold a 30000×30000 image that takes tens of GB decoded); 0 = no limit.
+    MAX_PIXELS: int = 64_000_000
 
 
 @dataclass
@@ -289,6 +294,147 @@ class Config:
     OUTPUT_DIR: str = "runs/default"
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric key (of each element, for a list key): between
+    ``lo`` and ``hi`` (None: unbounded), each bound included unless ``*_open``; with
+    ``ordered`` a list's elements must not decrease."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    ordered: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+
+    def describe(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '≥'} {self.lo:g}"
+        if self.lo is None:
+            return f"{'<' if self.hi_open else '≤'} {self.hi:g}"
+        return (f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}"
+                f"{')' if self.hi_open else ']'}")
+
+
+_COUNT, _AT_LEAST_0 = Range(1), Range(0)
+_POSITIVE, _FRACTION, _SHARE = Range(0, lo_open=True), Range(0, 1), Range(0, 1, lo_open=True)
+
+# The valid range of every numeric key, checked by load_config once everything is merged
+# (before any command writes a file). Every float must also be finite.
+VALID_RANGES: dict[str, Range] = {
+    "MODEL.BACKBONE.TRAINABLE_LAYERS": Range(0, 5),
+    "MODEL.BACKBONE.RETURNED_STAGES": Range(1, 4, ordered=True),
+    "MODEL.BACKBONE.FPN_CHANNELS": _COUNT,
+    "MODEL.ANCHOR.SIZES": _COUNT,
+    "MODEL.ANCHOR.ASPECT_RATIOS": _POSITIVE,
+    "MODEL.RPN.PRE_NMS_TOP_N_TRAIN": _COUNT,
+    "MODEL.RPN.PRE_NMS_TOP_N_TEST": _COUNT,
+    "MODEL.RPN.POST_NMS_TOP_N_TRAIN": _COUNT,
+    "MODEL.RPN.POST_NMS_TOP_N_TEST": _COUNT,
+    "MODEL.RPN.NMS_THRESH": _FRACTION,
+    "MODEL.RPN.FG_IOU_THRESH": _FRACTION,
+    "MODEL.RPN.BG_IOU_THRESH": _FRACTION,
+    "MODEL.RPN.BATCH_SIZE_PER_IMAGE": _COUNT,
+    "MODEL.RPN.POSITIVE_FRACTION": _SHARE,
+    "MODEL.RPN.QUALITY_IOU": _FRACTION,
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE": _COUNT,
+    "MODEL.ROI_HEADS.POSITIVE_FRACTION": _SHARE,
+    "MODEL.ROI_HEADS.FG_IOU_THRESH": _FRACTION,
+    "MODEL.ROI_HEADS.BG_IOU_THRESH": _FRACTION,
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST": _FRACTION,
+    "MODEL.ROI_HEADS.UNKNOWN_SCORE_THRESH_TEST": Range(None, 1),  # < 0: SCORE_THRESH_TEST
+    "MODEL.ROI_HEADS.NMS_THRESH_TEST": _FRACTION,
+    "MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE": _COUNT,
+    "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION": _COUNT,
+    "MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO": _AT_LEAST_0,  # 0: adaptive
+    "MODEL.ROI_BOX_HEAD.FC_DIM": _COUNT,
+    "INPUT.MIN_SIZE_TRAIN": Range(1, ordered=True),
+    "INPUT.MAX_SIZE_TRAIN": _COUNT,
+    "INPUT.MIN_SIZE_TEST": _COUNT,
+    "INPUT.MAX_SIZE_TEST": _COUNT,
+    "INPUT.FLIP_PROB": _FRACTION,
+    "INPUT.PIXEL_MEAN": _FRACTION,
+    "INPUT.PIXEL_STD": _POSITIVE,
+    "INPUT.MAX_PIXELS": _AT_LEAST_0,
+    "DATALOADER.NUM_WORKERS": _AT_LEAST_0,
+    "SOLVER.IMS_PER_BATCH": _COUNT,
+    "SOLVER.BASE_LR": _POSITIVE,
+    "SOLVER.MOMENTUM": _FRACTION,
+    "SOLVER.WEIGHT_DECAY": _AT_LEAST_0,
+    "SOLVER.MAX_ITER": _COUNT,
+    "SOLVER.STEPS": Range(1, ordered=True),
+    "SOLVER.GAMMA": _POSITIVE,
+    "SOLVER.WARMUP_ITERS": _AT_LEAST_0,
+    "SOLVER.WARMUP_FACTOR": _FRACTION,
+    "SOLVER.CLIP_GRAD_NORM": _AT_LEAST_0,
+    "SOLVER.CHECKPOINT_PERIOD": _COUNT,
+    "SOLVER.KEEP_CHECKPOINTS": _COUNT,
+    "SOLVER.LOG_PERIOD": _COUNT,
+    "OWOD.TASK": _COUNT,
+    "OWOD.NUM_UNK_PER_IMAGE": _AT_LEAST_0,
+    "OWOD.UNK_IOU_THRESH": _FRACTION,
+    "OWOD.RPN_NUM_UNK": _AT_LEAST_0,
+    "CLUSTERING.ITEMS_PER_CLASS": _COUNT,
+    "CLUSTERING.MARGIN": _AT_LEAST_0,
+    "CLUSTERING.DISTANCE_P": _POSITIVE,
+    "CLUSTERING.START_ITER": _AT_LEAST_0,
+    "CLUSTERING.UPDATE_MU_ITER": _COUNT,
+    "CLUSTERING.MOMENTUM": _FRACTION,
+    "CLUSTERING.LOSS_WEIGHT": _AT_LEAST_0,
+    "EXEMPLARS.PER_CLASS": _COUNT,
+    "EBUI.TEMPERATURE": _POSITIVE,
+    "SEED": _AT_LEAST_0,
+}
+# Pairs (low, high) of keys whose values must not cross.
+ORDERED_KEYS = (
+    ("MODEL.RPN.BG_IOU_THRESH", "MODEL.RPN.FG_IOU_THRESH"),
+    ("MODEL.ROI_HEADS.BG_IOU_THRESH", "MODEL.ROI_HEADS.FG_IOU_THRESH"),
+)
+
+
+def _numbers(value: Any) -> list:
+    """The numbers of a value, nested lists flattened (booleans and strings are not)."""
+    if isinstance(value, list | tuple):
+        return [x for v in value for x in _numbers(v)]
+    return [value] if isinstance(value, int | float) and not isinstance(value, bool) else []
+
+
+def _leaf_type(tp: Any) -> Any:
+    while typing.get_origin(tp) is list:
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Every float is finite and every key of :data:`VALID_RANGES` in its range; a
+    one-line :class:`OreError` naming the key, the value and the range."""
+    for key, tp in SCHEMA_TYPES.items():
+        leaf = _leaf_type(tp)
+        if leaf not in (int, float):
+            continue
+        value = OmegaConf.select(cfg, key)
+        plain = OmegaConf.to_container(value) if OmegaConf.is_list(value) else value
+        numbers = _numbers(plain)
+        many = isinstance(plain, list)
+        noun = {(int, False): "an integer", (int, True): "integers",
+                (float, False): "a finite number", (float, True): "finite numbers"}[leaf, many]
+        valid = VALID_RANGES.get(key)
+        bounds = f" {valid.describe()}" if valid else ""
+        in_range = all(v in valid for v in numbers) if valid else True
+        if not in_range or not all(math.isfinite(v) for v in numbers):
+            raise OreError(f"{key}={plain!r} is out of range; expected {noun}{bounds}")
+        if valid is not None and valid.ordered and numbers != sorted(numbers):
+            raise OreError(f"{key}={plain!r}: expected {noun}{bounds} in increasing order")
+    for low, high in ORDERED_KEYS:
+        lo, hi = OmegaConf.select(cfg, low), OmegaConf.select(cfg, high)
+        if lo is not None and hi is not None and lo > hi:
+            raise OreError(f"{low}={lo!r} is above {high}={hi!r}; expected {low} ≤ {high}")
+
+
 def _schema_types(cls=Config, prefix: str = "") -> dict[str, Any]:
     """Flat map from dotted key to its annotated type (sections map to their dataclass)."""
     out: dict[str, Any] = {}
@@ -342,12 +488,22 @@ def _merge_into(cfg: DictConfig, data: dict, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(cfg, data)
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or "?"
+        # full_key names a list element as SOLVER.STEPS[0] or MODEL.ANCHOR.SIZES[1][0].
+        full_key = getattr(exc, "full_key", None) or "?"
+        key = full_key.split("[", 1)[0]
         value = _lookup(data, key)
-        expected = _type_name(SCHEMA_TYPES.get(key, None))
-        raise OreError(
-            f"{source}: key {key}: value {value!r} is not of the expected type {expected}"
-        ) from None
+        tp = SCHEMA_TYPES.get(key, None)
+        message = f"{source}: key {key}: value {value!r} is not of the expected type "
+        message += _type_name(tp)
+        if "[" in full_key:
+            element = value
+            for i in re.findall(r"\[(\d+)\]", full_key):
+                element = element[int(i)] if isinstance(element, list) and int(i) < len(
+                    element) else "?"
+            while typing.get_origin(tp) is list:
+                tp = typing.get_args(tp)[0]
+            message += f" (element {element!r} is not of type {_type_name(tp)})"
+        raise OreError(message) from None
 
 
 def _lookup(data: dict, dotted: str) -> Any:
@@ -408,13 +564,15 @@ def parse_override(text: str) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> DictConfig:
-    """Defaults, then the YAML chain of ``path`` (root first), then ``KEY=VALUE`` overrides."""
+    """Defaults, then the YAML chain of ``path`` (root first), then ``KEY=VALUE`` overrides;
+    every value is then checked against :data:`VALID_RANGES`."""
     cfg = OmegaConf.structured(Config)
     if path is not None:
         for file, data in _read_chain(resolve_config_path(path)):
             cfg = _merge_into(cfg, data, str(file))
     for text in overrides:
         cfg = _merge_into(cfg, parse_override(text), f"override {text!r}")
+    check_values(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
@@ -426,5 +584,27 @@ def config_to_yaml(cfg: DictConfig) -> str:
 def config_from_dict(data: dict) -> DictConfig:
     """Rebuild a config saved inside a checkpoint (validated like a file)."""
     cfg = _merge_into(OmegaConf.structured(Config), data, "checkpoint config")
+    check_values(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved: dict, cfg: DictConfig) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (value in saved, value in cfg)}`` for every key where ``saved`` (a
+    config as a run wrote it, e.g. read from its ``config.yaml``) and ``cfg`` differ, in
+    key order. A key ``saved`` lacks (one declared after it was written) counts as its
+    default; a key ``cfg`` lacks (one since removed) as None."""
+    then = {**_flat(OmegaConf.to_container(OmegaConf.structured(Config))), **_flat(saved)}
+    now = _flat(OmegaConf.to_container(cfg))
+    return {k: (then.get(k), now.get(k)) for k in sorted(then.keys() | now.keys())
+            if k not in then or k not in now or then[k] != now[k]}
