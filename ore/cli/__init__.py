@@ -3,7 +3,9 @@
 Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int`` and does
 nothing else: it reads flags, calls the library, and prints. A user mistake anywhere
 below raises :class:`ore.errors.OreError`; :func:`main` prints it as one line
-(``error: <message>``) and exits with status 2, never with a traceback.
+(``error: <message>``) and exits with status 2, never with a traceback. A mistake in the
+arguments themselves ends the same way. ``KEY=VALUE`` overrides (and a command's other
+positional arguments) may stand anywhere among the options.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, as for every user mistake
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _command_module(name: str):
@@ -61,12 +63,30 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
             _command_module(name).add_arguments(p)
+    parser.command_parsers = sub.choices  # name -> the command's parser
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line, positional arguments allowed among the options
+    (``ore train --config C K=V --output D K2=V2``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        # argparse takes a positional list in one run; read the command's own arguments
+        # again, collecting positionals wherever they stand (unknown options stay errors).
+        command = parser.command_parsers[args.command]
+        rest = argv[argv.index(args.command) + 1:]
+        vars(args).update(vars(command.parse_intermixed_args(rest)))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a mistake in the arguments (2, one line)
+        return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

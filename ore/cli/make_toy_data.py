@@ -14,7 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-images", type=int, default=200)
     p.add_argument("--test-images", type=int, default=300)
     p.add_argument("--exemplars-per-class", type=int, default=20)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a toy world written there before (never any other folder)")
 
 
 def run(args: argparse.Namespace) -> int:

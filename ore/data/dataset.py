@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ore.data.classes import TaskSplit
+from ore.data.images import UnreadableImage, decode_image
 from ore.data.records import ImageRecord
 from ore.errors import OreError
 
@@ -35,21 +36,13 @@ class BadImage:
     reason: str
 
 
-def read_image_rgb(path: str) -> np.ndarray | None:
-    """uint8 RGB [H, W, 3], or None when the file is missing or cannot be decoded."""
-    data = np.fromfile(path, np.uint8) if _exists(path) else None
-    if data is None or data.size == 0:
-        return None
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    return None if img is None else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def _exists(path: str) -> bool:
+def read_image_rgb(path: str, max_pixels: int = 0) -> np.ndarray | None:
+    """uint8 RGB [H, W, 3], or None when the file is missing, cannot be decoded or has
+    more than ``max_pixels`` pixels (0: no limit)."""
     try:
-        with open(path, "rb"):
-            return True
-    except OSError:
-        return False
+        return decode_image(path, max_pixels)
+    except UnreadableImage:
+        return None
 
 
 def image_to_tensor(img: np.ndarray) -> torch.Tensor:
@@ -89,21 +82,39 @@ def voc_to_model_boxes(boxes: np.ndarray) -> np.ndarray:
     return out
 
 
+def clip_boxes(boxes: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """0-based boxes [N, 4] clipped to a width × height image, and the keep mask [N] of
+    those with an area left."""
+    out = np.empty_like(boxes)
+    out[:, 0::2] = np.clip(boxes[:, 0::2], 0, width)
+    out[:, 1::2] = np.clip(boxes[:, 1::2], 0, height)
+    keep = (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
+    return out[keep], keep
+
+
 class DetectionDataset(Dataset):
     """Items are ``(image [3,H,W] float, target, meta)`` or a :class:`BadImage`.
 
     ``target`` holds float32 ``boxes`` [N, 4] (0-based, in the returned image's pixels)
-    and int64 ``labels`` [N]; ``meta`` the ``image_id`` and the original size.
+    and int64 ``labels`` [N]; ``meta`` the ``image_id``, the annotation's size
+    (``height``, ``width``), the decoded image's (``decoded_size``, (H, W)) and
+    ``size_mismatch`` when the two differ: the boxes are then clipped to the decoded image
+    (objects left outside it are dropped) and the caller warns
+    (:func:`note_size_mismatches`).
     Indices are ``(index, seed)`` pairs from :class:`TrainBatchSampler` in training, or
-    plain ints (no augmentation) for evaluation.
+    plain ints (no augmentation) for evaluation. An image with more than ``max_pixels``
+    pixels (0: no limit; ``INPUT.MAX_PIXELS``) is a :class:`BadImage`, refused before it
+    is decoded.
     """
 
     def __init__(
-        self, records: list[ImageRecord], split: TaskSplit, transform: TrainTransform | None = None
+        self, records: list[ImageRecord], split: TaskSplit, transform: TrainTransform | None = None,
+        *, max_pixels: int = 0,
     ):
         self.records = records
         self.split = split
         self.transform = transform
+        self.max_pixels = max_pixels
         # Labels are resolved once here, not per item.
         self.labels = [
             np.asarray([split.label(n) for n in r.names], np.int64) for r in records
@@ -115,18 +126,26 @@ class DetectionDataset(Dataset):
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, None)
         r = self.records[index]
-        img = read_image_rgb(r.file_name)
-        if img is None:
-            return BadImage(r.file_name, "missing or not a decodable image")
-        boxes = voc_to_model_boxes(r.boxes)
+        try:
+            img = decode_image(r.file_name, self.max_pixels)
+        except UnreadableImage as exc:
+            return BadImage(r.file_name, exc.reason)
+        h, w = img.shape[:2]
+        boxes, labels = voc_to_model_boxes(r.boxes), self.labels[index]
+        # The annotation's boxes were clipped to its own <size>; a file of another size
+        # gets them clipped to its real pixels.
+        mismatch = r.width > 0 and r.height > 0 and (r.height, r.width) != (h, w)
+        if mismatch:
+            boxes, keep = clip_boxes(boxes, w, h)
+            labels = labels[keep]
         if self.transform is not None:
             img, boxes = self.transform(img, boxes, np.random.default_rng(seed))
         target = {
             "boxes": torch.from_numpy(np.ascontiguousarray(boxes, np.float32)).reshape(-1, 4),
-            "labels": torch.from_numpy(self.labels[index]),
+            "labels": torch.from_numpy(labels),
         }
         meta = {"image_id": r.image_id, "height": r.height, "width": r.width,
-                "file_name": r.file_name}
+                "file_name": r.file_name, "decoded_size": (h, w), "size_mismatch": mismatch}
         return image_to_tensor(img), target, meta
 
     def aspect_groups(self) -> np.ndarray:
@@ -212,6 +231,19 @@ def make_test_loader(dataset: DetectionDataset, batch_size: int, num_workers: in
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
         collate_fn=collate, worker_init_fn=_worker_init,
     )
+
+
+def note_size_mismatches(batch: list, counter: dict, warned: set[str]) -> None:
+    """Warn once per image whose decoded size differs from its annotation's, and keep
+    their number in ``counter["size_mismatch"]`` (``warned``: the files already named)."""
+    for _, _, meta in batch:
+        if meta.get("size_mismatch") and meta["file_name"] not in warned:
+            warned.add(meta["file_name"])
+            h, w = meta["decoded_size"]
+            log.warning("%s is %d×%d pixels but its annotation says %d×%d; its boxes are "
+                        "clipped to the image", meta["file_name"], w, h, meta["width"],
+                        meta["height"])
+            counter["size_mismatch"] = len(warned)
 
 
 def split_bad(batch: list, skip_bad: bool, counter: dict | None = None) -> list:

@@ -1,20 +1,25 @@
 """Image files: the one list of extensions, finding images in folders, reading them.
 
-:func:`collect_images` gathers what a user names on the command line (files and
-folders); :func:`load_image_folder` reads a whole folder tree into one uint8 tensor
-[n, 3, S, S] (an :class:`ImageSet`), the form backbone pretraining trains on: pretraining
-images are small, and batched augmentation of an in-memory tensor is much faster on a
-CPU than a data loader decoding files.
+:func:`decode_image` reads one image, refusing one larger than a pixel limit from its
+header before any pixel is decoded (a small PNG can hold a 30000×30000 image that would
+take tens of GB decoded). :func:`collect_images` gathers what a user names on the command
+line (files and folders); :func:`load_image_folder` reads a whole folder tree into one
+uint8 tensor [n, 3, S, S] (an :class:`ImageSet`), the form backbone pretraining trains
+on: pretraining images are small, and batched augmentation of an in-memory tensor is much
+faster on a CPU than a data loader decoding files.
 """
 
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 
 from ore.errors import OreError
 
@@ -23,6 +28,54 @@ IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+class UnreadableImage(OreError):
+    """An image file that is missing, cannot be decoded, or is over the pixel limit."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"cannot read image {path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+def header_pixels(path: str | Path) -> tuple[int, str] | None:
+    """(pixel count, size as text) read from the file's header alone, without decoding;
+    None when the header is not one PIL knows (the decoder then has the last word)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+        return w * h, f"{w}×{h}"
+    except Image.DecompressionBombError as exc:  # over PIL's own limit; it names the count
+        m = re.search(r"\((\d+) pixels\)", str(exc))
+        return (int(m.group(1)), f"{int(m.group(1))} pixels") if m else None
+    except Exception:  # noqa: BLE001 - not PIL's format, truncated, …: cv2 decides below
+        return None
+
+
+def decode_image(path: str | Path, max_pixels: int = 0) -> np.ndarray:
+    """uint8 RGB [H, W, 3] of the image file ``path``.
+
+    Args:
+        max_pixels: refuse an image with more pixels than this (0: no limit), checked
+            from the header before decoding (``INPUT.MAX_PIXELS``).
+    Raises:
+        UnreadableImage: the file is missing, not a decodable image, or over the limit.
+    """
+    if max_pixels > 0:
+        found = header_pixels(path)
+        if found is not None and found[0] > max_pixels:
+            raise UnreadableImage(path, f"{found[1]} pixels ({found[0] / 1e6:.1f} Mpx) is "
+                                        f"over INPUT.MAX_PIXELS={max_pixels}")
+    try:
+        data = np.fromfile(str(path), np.uint8)
+    except OSError:
+        data = None
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data is not None and data.size else None
+    if img is None:
+        raise UnreadableImage(path, "missing or not a decodable image")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 @dataclass

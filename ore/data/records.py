@@ -278,9 +278,16 @@ def load_coco_json(
             raise OreError(f"{json_path}: image not found: {path}")
         anns = by_image.get(img_id, [])
         try:
-            xywh = np.asarray([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
-        except (KeyError, ValueError) as exc:
+            xywh = np.asarray([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
+        except (KeyError, ValueError, TypeError) as exc:
             raise OreError(f"{json_path}: bad bbox in image {file_name} ({exc})") from None
+        # NaN or inf (also past float32's range) would reach the loss as NaN.
+        finite = (np.abs(xywh) <= np.finfo(np.float32).max).all(axis=1)
+        if not finite.all():
+            bad = anns[int(np.argmin(finite))]
+            raise OreError(f"{json_path}: annotation {bad.get('id', '?')} of image {file_name}: "
+                           f"bbox {bad['bbox']} is not 4 finite numbers [x, y, width, height]")
+        xywh = xywh.astype(np.float32)
         boxes = np.concatenate([xywh[:, :2] + 1, xywh[:, :2] + xywh[:, 2:]], axis=1)
         keep = _finalise_boxes(boxes, width, height, stats)
         record = ImageRecord(

@@ -8,13 +8,15 @@ an object's visible pixels, and an object less than 40% visible is marked diffic
 
 Written: ``Annotations/*.xml``, ``JPEGImages/*.jpg``, ``ImageSets/Main/{t1_train … t4_train,
 t2_ft … t4_ft, all_task_val, all_task_test}.txt``, the same annotations as COCO JSON in
-``annotations/<list>.json``, and ``classes.yaml`` (the task split). The same seed gives
-byte-identical files.
+``annotations/<list>.json``, ``classes.yaml`` (the task split) and ``ore-toy-world.json``
+(the settings it was written with, and the mark that lets ``overwrite`` replace the folder
+later). The same seed gives byte-identical files.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +25,13 @@ import numpy as np
 
 from ore.data.classes import TOY_NEVER_INTRODUCED, TOY_TASKS
 from ore.errors import OreError
-from ore.fileio import atomic_folder
+from ore.fileio import atomic_folder, check_output_dir
 
 ALL_TOY_CLASSES = tuple(c for t in TOY_TASKS for c in t) + TOY_NEVER_INTRODUCED
 DIFFICULT_VISIBLE_FRACTION = 0.4
 MIN_SIZE, MAX_SIZE = 12, 96  # object size range in pixels (longer side)
+# Written into every toy world: only a folder holding it may be replaced (``overwrite``).
+MARKER = "ore-toy-world.json"
 
 
 def _regular(n: int, phase: float = 0.0, r: float = 1.0) -> np.ndarray:
@@ -268,17 +272,45 @@ def _exemplar_list(
     return chosen
 
 
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    """``out`` may become the toy world: it is missing, empty, or (with ``overwrite``) a
+    toy world; never the current folder, one of its ancestors, the home folder or ``/``."""
+    check_output_dir(out, "--out")
+    if out.is_symlink():
+        raise OreError(f"--out: {out} is a symbolic link; give the folder itself")
+    target = Path(os.path.realpath(out))
+    home = Path(os.path.realpath(os.path.expanduser("~")))
+    here = Path(os.path.realpath(os.getcwd()))
+    if here.is_relative_to(target) or target in (Path(target.anchor), home):
+        raise OreError(f"--out: {out} is {target}, which holds the current folder, the home "
+                       "folder or the whole file system; choose a new folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not (out / MARKER).is_file():
+        raise OreError(f"--out: {out} is not empty and holds no toy world (no {MARKER}); "
+                       "it is never replaced: choose another --out")
+    if not overwrite:
+        raise OreError(f"--out: {out} already holds a toy world; choose another --out or "
+                       "pass --overwrite to replace it")
+
+
 def write_toy_world(
     out: str | Path, *, seed: int = 0, images_per_task: int = 300, val_images: int = 200,
     test_images: int = 300, exemplars_per_class: int = 20, overwrite: bool = False,
 ) -> Path:
-    """Write the toy world to ``out`` (atomically: a temporary folder renamed at the end)."""
+    """Write the toy world to ``out`` (atomically: a temporary folder renamed at the end).
+
+    An existing folder must be empty, or hold a toy world (its :data:`MARKER`) and
+    ``overwrite`` be set: nothing else is ever deleted.
+    """
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OreError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    _check_replaceable(out, overwrite)
     if min(images_per_task, val_images, test_images) < 1:
         raise OreError("toy world sizes must be at least 1 image per list")
-    with atomic_folder(out) as tmp:
+    settings = dict(seed=seed, images_per_task=images_per_task, val_images=val_images,
+                    test_images=test_images, exemplars_per_class=exemplars_per_class)
+    with atomic_folder(Path(os.path.abspath(out))) as tmp:
+        (tmp / MARKER).write_text(json.dumps(settings, indent=2) + "\n")
         for sub in ("Annotations", "JPEGImages", "ImageSets/Main", "annotations"):
             (tmp / sub).mkdir(parents=True)
         plan: list[tuple[str, int | None]] = []

@@ -29,11 +29,17 @@ from omegaconf import OmegaConf
 from torchvision.ops import box_iou
 from tqdm import tqdm
 
-from ore.data.dataset import DetectionDataset, make_test_loader, split_bad
+from ore.data.dataset import (
+    DetectionDataset,
+    make_test_loader,
+    note_size_mismatches,
+    split_bad,
+)
 from ore.data.records import list_path, load_dataset_split
 from ore.engine.inference import Predictor
 from ore.engine.layout import ENERGY_FIT, ENERGY_PLOT
 from ore.errors import OreError
+from ore.fileio import check_output_dir
 from ore.modeling.energy import energy
 from ore.modeling.fit_file import MODES, EnergyFit, fit_energies
 from ore.vis.plots import plot_energy
@@ -103,11 +109,14 @@ def collect_energies(predictor: Predictor, split_name: str, *, mode: str, batch_
     if not records:
         raise OreError(f"split {split_name!r} under {d.ROOT} lists no image")
     seen_labels = [split.label(c) for c in split.seen(task)]
-    loader = make_test_loader(DetectionDataset(records, split), batch_size,
-                              cfg.DATALOADER.NUM_WORKERS)
+    dataset = DetectionDataset(records, split, max_pixels=cfg.INPUT.MAX_PIXELS)
+    loader = make_test_loader(dataset, batch_size, cfg.DATALOADER.NUM_WORKERS)
     known, unknown = [], []
+    counts: dict = {}
+    mismatched: set[str] = set()
     for batch in tqdm(loader, desc=f"energies {split_name}", unit="batch"):
         batch = split_bad(batch, cfg.DATALOADER.SKIP_BAD_IMAGES)
+        note_size_mismatches(batch, counts, mismatched)
         if not batch:
             continue
         images = [b[0].to(predictor.device) for b in batch]
@@ -124,6 +133,9 @@ def fit_energy(cfg, weights: str, output: str | Path, *, split_name: str | None 
                mode: str | None = None, batch_size: int = 4, max_images: int = 0
                ) -> EnergyFit:
     """Collect, fit, write ``energy_fit.json`` + ``energy.png``; returns the EnergyFit."""
+    check_output_dir(output)
+    if max_images < 0:
+        raise OreError(f"--max-images {max_images} must be ≥ 0 (0: every image)")
     mode = mode or cfg.EBUI.MODE
     if mode not in MODES:
         raise OreError(f"EBUI.MODE / --mode: {mode!r}; expected one of {MODES}")

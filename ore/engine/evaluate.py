@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-from ore.data.dataset import DetectionDataset, make_test_loader, split_bad
+from ore.data.dataset import (
+    DetectionDataset,
+    make_test_loader,
+    note_size_mismatches,
+    split_bad,
+)
 from ore.data.records import load_dataset_split
 from ore.engine.inference import Predictor
 from ore.errors import OreError
@@ -23,10 +28,13 @@ def evaluate_model(predictor: Predictor, split_name: str, *, ap: str = "allpoint
         raise OreError(f"split {split_name!r} under {d.ROOT} lists no image")
     evaluator = OpenWorldEvaluator(split=split, task=task, records=records, ap=ap, coco=coco)
     evaluator.reset()
-    loader = make_test_loader(DetectionDataset(records, split), batch_size,
-                              cfg.DATALOADER.NUM_WORKERS)
+    dataset = DetectionDataset(records, split, max_pixels=cfg.INPUT.MAX_PIXELS)
+    loader = make_test_loader(dataset, batch_size, cfg.DATALOADER.NUM_WORKERS)
+    counts: dict = {}
+    mismatched: set[str] = set()
     for batch in tqdm(loader, desc=f"evaluate {split_name}", unit="batch"):
         batch = split_bad(batch, cfg.DATALOADER.SKIP_BAD_IMAGES)
+        note_size_mismatches(batch, counts, mismatched)
         if not batch:
             continue
         dets = predictor.predict_tensors([b[0] for b in batch])
