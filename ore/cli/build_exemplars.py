@@ -9,7 +9,7 @@ from ore.cli.common import add_overrides
 from ore.config import load_config
 from ore.data.exemplars import build_exemplar_list
 from ore.errors import OreError
-from ore.fileio import atomic_write_text
+from ore.fileio import atomic_write_text, check_output_file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.per_class is not None and args.per_class < 1:
         raise OreError(f"--per-class {args.per_class} must be ≥ 1")
+    check_output_file(args.output)
     ids = build_exemplar_list(load_config(args.config, args.overrides), args.per_class)
     out = atomic_write_text(Path(args.output), "".join(i + "\n" for i in ids))
     print(f"{len(ids)} exemplar images → {out}")

@@ -15,7 +15,7 @@ from ore.data.records import load_role_split
 from ore.evaluation.detections import read_detections
 from ore.evaluation.evaluator import RESULT_KEYS, OpenWorldEvaluator
 from ore.evaluation.report import format_table
-from ore.fileio import atomic_write_json
+from ore.fileio import atomic_write_json, check_output_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.output:
+        check_output_file(args.output)
     split = load_task_split(args.classes)
     task = split.check_task(parse_task(args.task))
     records = load_role_split(args.root, args.split, split, task, "test", fmt=args.format)

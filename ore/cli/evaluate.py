@@ -10,7 +10,7 @@ from ore.engine.evaluate import evaluate_model
 from ore.engine.inference import Predictor
 from ore.evaluation.evaluator import RESULT_KEYS
 from ore.evaluation.report import format_table
-from ore.fileio import atomic_write_json
+from ore.fileio import atomic_write_json, check_output_file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_batch_size(args.batch_size)
+    if args.output:
+        check_output_file(args.output)
     cfg = load_config(args.config, args.overrides)
     predictor = Predictor(cfg, args.weights)
     result, title = evaluate_model(predictor, args.split or cfg.DATASETS.TEST, ap=args.ap,

@@ -31,6 +31,7 @@ from ore.engine.metrics_log import read_metrics
 from ore.engine.runtime import environment
 from ore.engine.tasks import planned_iterations, run_tasks
 from ore.errors import OreError
+from ore.fileio import check_output_dir, folder_lock
 
 # quick: a smaller world and a schedule scaled down, for a check in about 3 minutes.
 QUICK_WORLD = dict(images_per_task=40, val_images=20, test_images=30, exemplars_per_class=3)
@@ -94,8 +95,12 @@ def _run_side_by_side(jobs: dict[str, dict], progress) -> None:
 def run_demo(output: str | Path, *, quick: bool = False, seed: int = 0) -> dict:
     """Write the toy world, run ORE and the baseline, write the report; returns what
     :func:`ore.demo.report.write_report` returns plus ``"minutes"``."""
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(output)
+    with folder_lock(out):  # one demo at a time in a folder
+        return _run_demo(out, quick=quick, seed=seed)
+
+
+def _run_demo(out: Path, *, quick: bool, seed: int) -> dict:
     started = time.perf_counter()
     world = out / "toy-data"
     if not (world / "ImageSets").is_dir():

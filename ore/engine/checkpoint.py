@@ -3,7 +3,8 @@
 Every file of weights a user hands in (``MODEL.WEIGHTS``, ``MODEL.BACKBONE.WEIGHTS``,
 ``ore detect --weights``, a checkpoint to resume from) is read by :func:`read_torch_file`
 with ``weights_only=True`` (no code in a file can run) and one error mapping: a missing
-or unreadable file is a one-line :class:`~ore.errors.OreError`.
+or unreadable file is a one-line :class:`~ore.errors.OreError`, and so are weights that
+hold NaN or infinite values (a model that would only ever detect nothing).
 
 A periodic checkpoint holds the model, optimiser, GradScaler, iteration, every process's
 random generator states, the class layout and the config. There is no scheduler state:
@@ -13,6 +14,7 @@ milestones.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,8 @@ from ore.modeling.backbone import load_trunk_state
 from ore.modeling.detector import OpenWorldRCNN, build_detector, load_detector_state
 
 LAST = "last_checkpoint"
+
+log = logging.getLogger(__name__)
 
 
 def save_torch_file(obj: Any, path: str | Path) -> Path:
@@ -51,9 +55,32 @@ def read_torch_file(path: str | Path, *, kind: str = "checkpoint", setting: str 
         raise OreError(f"{setting}: {path} is {what}" if setting else f"{path}: {what}") from None
 
 
+def _nonfinite(obj: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in ``obj`` (nested dicts) that hold NaN or ±inf."""
+    if isinstance(obj, torch.Tensor):
+        bad = obj.is_floating_point() and not bool(torch.isfinite(obj).all())
+        return [prefix.rstrip(".")] if bad else []
+    if isinstance(obj, dict):
+        return [k for key, v in obj.items() for k in _nonfinite(v, f"{prefix}{key}.")]
+    return []
+
+
+def check_finite(obj: Any, path: str | Path, setting: str = "") -> None:
+    """A one-line :class:`OreError` naming ``path`` when a weight tensor in ``obj`` holds
+    NaN or infinite values."""
+    bad = _nonfinite(obj)
+    if bad:
+        where = f"{setting}: {path}" if setting else str(path)
+        raise OreError(f"{where}: {len(bad)} weight tensors hold NaN or infinite values "
+                       f"(e.g. {bad[0]}); these weights cannot be used")
+
+
 def read_trunk_weights(path: str | Path) -> Any:
     """The contents of a ``MODEL.BACKBONE.WEIGHTS`` file (checked by the trunk loader)."""
-    return read_torch_file(path, kind="state dict", setting="MODEL.BACKBONE.WEIGHTS")
+    setting = "MODEL.BACKBONE.WEIGHTS"
+    obj = read_torch_file(path, kind="state dict", setting=setting)
+    check_finite(obj, path, setting)
+    return obj
 
 
 def load_trunk_weights(trunk: nn.Module, path: str | Path) -> None:
@@ -63,7 +90,10 @@ def load_trunk_weights(trunk: nn.Module, path: str | Path) -> None:
 
 def load_detector_weights(model: nn.Module, path: str | Path, split: TaskSplit) -> dict:
     """Read a detector checkpoint and load it into ``model``; returns its meta."""
-    return load_detector_state(model, read_torch_file(path), split, str(path))
+    ckpt = read_torch_file(path)
+    meta = load_detector_state(model, ckpt, split, str(path))  # checks its structure
+    check_finite(ckpt["model"], path)
+    return meta
 
 
 def build_model(cfg: DictConfig, split: TaskSplit, weights: str | Path | None = None
@@ -96,9 +126,12 @@ class Checkpointer:
             self._prune()
         return path
 
+    def periodic(self) -> list[Path]:
+        """The periodic checkpoints in the folder, oldest first."""
+        return sorted(self.folder.glob("model_[0-9]*.pth"))
+
     def _prune(self) -> None:
-        periodic = sorted(self.folder.glob("model_[0-9]*.pth"))
-        for old in periodic[: -self.keep]:
+        for old in self.periodic()[: -self.keep]:
             old.unlink(missing_ok=True)
 
     def remove_stale_temporaries(self) -> int:
@@ -114,3 +147,37 @@ class Checkpointer:
             return None
         path = self.folder / marker.read_text().strip()
         return path if path.is_file() else None
+
+    def newest_readable(self) -> tuple[Path, dict] | None:
+        """The newest checkpoint that reads whole, and its contents: the one
+        ``last_checkpoint`` names, then the periodic ones newest first. Each one skipped
+        is logged with the reason. None when the folder holds no checkpoint at all; a
+        one-line :class:`OreError` when it holds some and none is readable."""
+        marker = self.folder / LAST
+        named = self.folder / marker.read_text().strip() if marker.is_file() else None
+        if named is not None and not named.is_file():
+            log.warning("%s names %s, which is missing; looking for an older checkpoint",
+                        marker, named.name)
+        candidates = [named] if named is not None and named.is_file() else []
+        candidates += [p for p in reversed(self.periodic()) if p not in candidates]
+        skipped = []
+        for path in candidates:
+            try:
+                state = read_torch_file(path)
+                if not isinstance(state, dict) or "model" not in state or (
+                        "iteration" not in state):
+                    raise OreError(f"{path}: not a periodic checkpoint (no model or iteration)")
+                check_finite(state["model"], path)
+            except OreError as exc:
+                log.warning("skipping checkpoint %s: %s", path, exc)
+                skipped.append(path.name)
+                continue
+            if skipped:
+                log.warning("resuming from %s (skipped the newer %s)", path.name,
+                            ", ".join(skipped))
+            return path, state
+        if skipped:
+            raise OreError(f"{self.folder}: none of its checkpoints is readable "
+                           f"({', '.join(skipped)}); nothing to resume from: remove them or "
+                           "choose another --output")
+        return None

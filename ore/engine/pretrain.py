@@ -43,6 +43,7 @@ from ore.engine.metrics_log import FILE as METRICS_FILE
 from ore.engine.metrics_log import MetricsLog
 from ore.engine.runtime import cosine_lr, resolve_device, seed_everything
 from ore.errors import OreError
+from ore.fileio import check_output_file
 from ore.modeling.backbone import build_trunk, trunk_out_channels
 from ore.vis.plots import plot_curves
 
@@ -187,9 +188,7 @@ def check_options(args: PretrainOptions) -> None:
         if not 0 <= getattr(args, name) <= 1:
             raise OreError(f"--{name.replace('_', '-')} must be in [0, 1], "
                            f"got {getattr(args, name)}")
-    out = Path(args.output)
-    if out.is_dir():
-        raise OreError(f"--output: {out} is a directory; give a file name")
+    check_output_file(args.output)
 
 
 def _scale_range(flag: str, value) -> tuple[float, float]:

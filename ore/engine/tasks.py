@@ -7,26 +7,46 @@ finetune. With the ORE head (and ``EBUI.RUN_TASKS``), the energy of the task's f
 is fitted on ``EBUI.FIT_SPLIT`` and the model evaluated again with EBUI on (the summary's
 ``ebui`` entry). Every step writes into the run folder (:mod:`ore.engine.layout`); a step
 whose result exists is skipped and an interrupted training resumes from its last
-checkpoint.
+checkpoint. A stage folder counts as that stage only while the config it saved equals the
+one the stage would run now: any other difference is an error, checked for every stage
+before the first one runs. The run folder is locked while a schedule runs in it.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ore.config import CONFIG_ROOT, load_config
+from ore.config import CONFIG_ROOT, config_differences, load_config
 from ore.data.exemplars import build_exemplar_list
 from ore.engine.energy_fit import fit_energy
 from ore.engine.evaluate import evaluate_model
 from ore.engine.inference import Predictor
-from ore.engine.layout import ENERGY_FIT, REPORTED, STAGES, RunLayout, final_stage, task_key
+from ore.engine.layout import (
+    CONFIG,
+    ENERGY_FIT,
+    FINAL,
+    REPORTED,
+    STAGES,
+    RunLayout,
+    final_stage,
+    task_key,
+)
 from ore.engine.trainer import Trainer
 from ore.errors import OreError
 from ore.evaluation.evaluator import RESULT_KEYS
-from ore.fileio import atomic_write_json, atomic_write_text, read_json
+from ore.fileio import (
+    atomic_write_json,
+    atomic_write_text,
+    check_output_dir,
+    folder_lock,
+    read_json,
+    read_yaml,
+)
 
 _TASK_FILE = re.compile(r"^t(\d+)_(train|ft)\.yaml$")
 
@@ -112,6 +132,70 @@ def planned_iterations(config_dir: Path, overrides: list[str] = (), scale: float
     return total
 
 
+# Keys that say how a stage runs, not what it computes: they may change between reruns.
+RUN_ONLY_KEYS = ("DATALOADER.NUM_WORKERS", "DEVICE", "OUTPUT_DIR")
+
+
+@dataclass
+class _Stage:
+    """One training of the schedule: its config file, overrides, config and folder, and
+    for a finetune on a built exemplar list, the config that list is drawn with."""
+
+    file: Path
+    overrides: list[str]
+    cfg: DictConfig
+    folder: Path
+    exemplars_cfg: DictConfig | None = None
+
+
+def _plan(config_dir: Path, run: RunLayout, overrides: list[str], scale: float
+          ) -> list[tuple[int, _Stage, _Stage | None]]:
+    """Every task's training and finetune stages, as run_tasks runs them."""
+
+    def stage(file: Path, task: int, name: str, extra: list[str]) -> _Stage:
+        ovs = [*overrides, *extra]
+        ovs += schedule_overrides(load_config(file, ovs), scale)
+        cfg = load_config(file, ovs)
+        if cfg.OWOD.TASK != task:
+            raise OreError(f"{file}: OWOD.TASK is {cfg.OWOD.TASK}, expected {task}")
+        return _Stage(file, ovs, cfg, run.stage_dir(task, name))
+
+    plan = []
+    prev: Path | None = None
+    for t, train_file, ft_file in discover_tasks(config_dir):
+        train = stage(train_file, t, "train", [f"MODEL.WEIGHTS={prev}"] if prev else [])
+        ft = None
+        if ft_file is not None:
+            ft = stage(ft_file, t, "ft", [f"MODEL.WEIGHTS={train.folder / FINAL}"])
+            if ft.cfg.EXEMPLARS.BUILD:
+                # The chosen images are kept next to the finetuned checkpoint.
+                ft.exemplars_cfg = ft.cfg
+                ft.overrides = [*ft.overrides, f"DATASETS.TRAIN={run.exemplar_list(t)}"]
+                ft.cfg = load_config(ft_file, ft.overrides)
+        plan.append((t, train, ft))
+        prev = (ft or train).folder / FINAL
+    return plan
+
+
+def _check_unchanged(stage: _Stage) -> None:
+    """A stage folder that holds a config must hold this stage's: a rerun with another
+    config would report the old results as the new ones."""
+    saved_file = stage.folder / CONFIG
+    if not saved_file.is_file():
+        return
+    saved = read_yaml(saved_file)
+    if not isinstance(saved, dict):
+        raise OreError(f"{saved_file}: expected the config a run saved (a mapping)")
+    differ = {k: v for k, v in config_differences(saved, stage.cfg).items()
+              if k not in RUN_ONLY_KEYS}
+    if differ:
+        shown = "; ".join(f"{k} {then!r} there, {now!r} now"
+                          for k, (then, now) in list(differ.items())[:3])
+        more = f"; and {len(differ) - 3} more" if len(differ) > 3 else ""
+        raise OreError(f"{stage.folder} holds a run of another config ({shown}{more}); "
+                       "choose another --output for this one")
+
+
 def run_tasks(config_dir: str | Path, output: str | Path, overrides: list[str] = (),
               evaluate: bool = True, schedule_scale: float = 1.0) -> dict:
     """Run every task; returns ``{"t1": {"train": metrics, "ft": metrics|None,
@@ -119,54 +203,47 @@ def run_tasks(config_dir: str | Path, output: str | Path, overrides: list[str] =
     (finetuned when there is a finetune) with the energy-based unknown identifier on, and
     ``reported`` the stage whose figures stand for the task (``EBUI.REPORTED``). ``schedule_scale``
     multiplies every iteration count (a quick run: 0.1; more data: > 1)."""
-    if schedule_scale <= 0:
-        raise OreError(f"schedule scale {schedule_scale} must be > 0")
-
-    def scaled(file: Path, extra: list[str]) -> list[str]:
-        ovs = [*overrides, *extra]
-        return [*ovs, *schedule_overrides(load_config(file, ovs), schedule_scale)]
-
-    run = RunLayout(Path(output))
-    summary: dict = {}
-    prev: Path | None = None
-    for t, train_file, ft_file in discover_tasks(Path(config_dir)):
-        train_overrides = scaled(train_file, [f"MODEL.WEIGHTS={prev}"] if prev else [])
-        cfg = load_config(train_file, train_overrides)
-        if cfg.OWOD.TASK != t:
-            raise OreError(f"{train_file}: OWOD.TASK is {cfg.OWOD.TASK}, expected {t}")
-        final = Trainer(cfg, run.stage_dir(t, "train"), resume=True).run()
-        stages = summary[task_key(t)] = {"train": None, "ft": None, "ebui": None}
-        if evaluate:
-            stages["train"] = _evaluate(cfg, final, run.eval_file(t, "train"))
-        if ft_file is not None:
-            ft_dir = run.stage_dir(t, "ft")
-            ft_overrides = scaled(ft_file, [f"MODEL.WEIGHTS={final}"])
-            ft_cfg = load_config(ft_file, ft_overrides)
-            if ft_cfg.OWOD.TASK != t:
-                raise OreError(f"{ft_file}: OWOD.TASK is {ft_cfg.OWOD.TASK}, expected {t}")
-            if ft_cfg.EXEMPLARS.BUILD:
-                # The chosen images are kept next to the finetuned checkpoint.
-                list_file = run.exemplar_list(t)
-                if not list_file.is_file():
-                    ids = build_exemplar_list(ft_cfg)
-                    atomic_write_text(list_file, "".join(i + "\n" for i in ids))
-                ft_overrides = [*ft_overrides, f"DATASETS.TRAIN={list_file}"]
-                ft_cfg = load_config(ft_file, ft_overrides)
-            final = Trainer(ft_cfg, ft_dir, resume=True).run()
-            if evaluate:
-                stages["ft"] = _evaluate(ft_cfg, final, run.eval_file(t, "ft"))
-            last = (ft_file, ft_overrides, ft_dir)
-        else:
-            last = (train_file, train_overrides, run.stage_dir(t, "train"))
-        if cfg.EBUI.RUN_TASKS and cfg.MODEL.ROI_HEADS.NAME == "ore":
-            # EBUI on the task's final model: fit on the held-out split, then evaluate with it.
-            stages["ebui"] = _fit_and_evaluate_ebui(*last, final, evaluate)
-        if evaluate:
-            shown = stages if cfg.EBUI.REPORTED else {**stages, "ebui": None}
-            stages[REPORTED] = final_stage(shown)
-        prev = final
-    run.write_summary(summary)
+    if not (math.isfinite(schedule_scale) and schedule_scale > 0):
+        raise OreError(f"--schedule-scale {schedule_scale}: expected a finite number > 0")
+    run = RunLayout(check_output_dir(output))
+    plan = _plan(Path(config_dir), run, list(overrides), schedule_scale)
+    for _, train, ft in plan:
+        for stage in (train, ft):
+            if stage is not None:
+                _check_unchanged(stage)
+    with folder_lock(run.root):
+        summary = {task_key(t): _run_task(t, train, ft, run, evaluate)
+                   for t, train, ft in plan}
+        run.write_summary(summary)
     return summary
+
+
+def _run_task(t: int, train: _Stage, ft: _Stage | None, run: RunLayout, evaluate: bool
+              ) -> dict:
+    """Train, finetune, fit the energy and evaluate task ``t``; returns its summary entry."""
+    cfg = train.cfg
+    final = Trainer(cfg, train.folder, resume=True).run()
+    stages = {"train": None, "ft": None, "ebui": None}
+    if evaluate:
+        stages["train"] = _evaluate(cfg, final, run.eval_file(t, "train"))
+    last = train
+    if ft is not None:
+        list_file = run.exemplar_list(t)
+        if ft.exemplars_cfg is not None and not list_file.is_file():
+            ids = build_exemplar_list(ft.exemplars_cfg)
+            atomic_write_text(list_file, "".join(i + "\n" for i in ids))
+        final = Trainer(ft.cfg, ft.folder, resume=True).run()
+        if evaluate:
+            stages["ft"] = _evaluate(ft.cfg, final, run.eval_file(t, "ft"))
+        last = ft
+    if cfg.EBUI.RUN_TASKS and cfg.MODEL.ROI_HEADS.NAME == "ore":
+        # EBUI on the task's final model: fit on the held-out split, then evaluate with it.
+        stages["ebui"] = _fit_and_evaluate_ebui(last.file, last.overrides, last.folder, final,
+                                                evaluate)
+    if evaluate:
+        shown = stages if cfg.EBUI.REPORTED else {**stages, "ebui": None}
+        stages[REPORTED] = final_stage(shown)
+    return stages
 
 
 def format_summary(summary: dict) -> str:

@@ -8,6 +8,10 @@ is the global batch, each process reads ``IMS_PER_BATCH / N`` images of it, grad
 are averaged by DistributedDataParallel, and only rank 0 writes checkpoints, metrics and
 the progress bar (see :mod:`ore.engine.distributed`).
 
+The run folder is locked while a run writes into it (:func:`ore.fileio.folder_lock`), and
+a folder that holds a run is never written into without ``resume`` (continue it) or
+``overwrite`` (replace it).
+
 Mixed precision (``SOLVER.AMP``): ``bf16`` autocasts the forward pass on CUDA or CPU;
 ``fp16`` (CUDA only) also scales the loss with a GradScaler whose state is checkpointed.
 """
@@ -27,10 +31,16 @@ from tqdm import tqdm
 from ore.config import config_to_yaml
 from ore.contrastive import distributed as collective
 from ore.data.classes import TaskSplit, load_task_split
-from ore.data.dataset import DetectionDataset, TrainTransform, make_train_loader, split_bad
+from ore.data.dataset import (
+    DetectionDataset,
+    TrainTransform,
+    make_train_loader,
+    note_size_mismatches,
+    split_bad,
+)
 from ore.data.records import load_dataset_split
 from ore.engine import distributed as ddp
-from ore.engine.checkpoint import Checkpointer, build_model, read_torch_file, save_torch_file
+from ore.engine.checkpoint import LAST, Checkpointer, build_model, read_torch_file, save_torch_file
 from ore.engine.layout import CONFIG, FINAL
 from ore.engine.metrics_log import FILE as METRICS_FILE
 from ore.engine.metrics_log import MetricsLog, truncate_metrics
@@ -44,7 +54,7 @@ from ore.engine.runtime import (
     set_rng_state,
 )
 from ore.errors import OreError
-from ore.fileio import atomic_write_text
+from ore.fileio import atomic_write_text, check_output_dir, folder_lock
 from ore.modeling.detector import checkpoint_meta, load_detector_state
 
 log = logging.getLogger(__name__)
@@ -61,16 +71,28 @@ def build_train_dataset(cfg: DictConfig, split: TaskSplit) -> DetectionDataset:
     transform = TrainTransform(
         tuple(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.FLIP_PROB
     )
-    return DetectionDataset(records, split, transform)
+    return DetectionDataset(records, split, transform, max_pixels=cfg.INPUT.MAX_PIXELS)
 
 
 class Trainer:
-    """Trains one config into ``output_dir``; ``run()`` returns the final checkpoint path."""
+    """Trains one config into ``output_dir``; ``run()`` returns the final checkpoint path.
 
-    def __init__(self, cfg: DictConfig, output_dir: str | Path, resume: bool = False):
+    Args:
+        resume: continue the run in ``output_dir`` from its newest readable checkpoint
+            (a finished run is left as it is).
+        overwrite: replace the run in ``output_dir`` (its weights, config and log; no
+            other file there is touched).
+    """
+
+    def __init__(self, cfg: DictConfig, output_dir: str | Path, resume: bool = False,
+                 overwrite: bool = False):
+        if resume and overwrite:
+            raise OreError("--resume and --overwrite exclude each other: continue the run "
+                           "or replace it")
         self.cfg = cfg
         self.out = Path(output_dir)
         self.resume = resume
+        self.overwrite = overwrite
         self.split = load_task_split(cfg.DATASETS.CLASSES)
         self.device = resolve_device(cfg.DEVICE)
         self.checkpointer = Checkpointer(self.out, cfg.SOLVER.KEEP_CHECKPOINTS)
@@ -90,17 +112,31 @@ class Trainer:
             "config": OmegaConf.to_container(self.cfg),
         }
 
+    def run_files(self) -> list[Path]:
+        """The files of a run in the output folder: weights, config, log."""
+        names = (FINAL, CONFIG, LAST, METRICS_FILE)
+        return [*(self.out / n for n in names if (self.out / n).is_file()),
+                *self.checkpointer.periodic()]
+
+    def _check_folder(self) -> None:
+        """A folder holding a run is written into only to continue or replace that run."""
+        found = self.run_files()
+        if found and not (self.resume or self.overwrite):
+            shown = ", ".join(p.name for p in found[:3]) + (", …" if len(found) > 3 else "")
+            raise OreError(f"{self.out} already holds a run ({shown}); pass --resume to "
+                           "continue that run, --overwrite to replace it, or choose another "
+                           "--output")
+
     def run(self) -> Path:
         self.dist = ddp.init_from_env(self.device)
         cfg, info = self.cfg, self.dist
         device = self.device = ddp.process_device(self.device, info)
+        check_output_dir(self.out)
         final = self.out / FINAL
         if final.is_file() and self.resume:
             log.info("%s exists: training already finished", final)
             return final
-        if not self.resume and self.checkpointer.latest() is not None:
-            raise OreError(f"{self.out} already holds checkpoints; pass --resume to continue "
-                           "that run or choose another --output")
+        self._check_folder()
         # Everything a user can get wrong is checked before the first file is written.
         batch = ddp.per_process_batch(cfg.SOLVER.IMS_PER_BATCH, info.world_size)
         dtype = amp_dtype(cfg.SOLVER.AMP, device)
@@ -115,34 +151,49 @@ class Trainer:
         if info.distributed:
             # RPN and RoI sampling draw from the global generator: a stream per process.
             torch.manual_seed(cfg.SEED + info.rank)
-        start, rng_state = 0, None
-        last = self.checkpointer.latest() if self.resume else None
-        last = collective.broadcast_object(last)  # every process resumes from the same file
-        if last is not None:
-            state = read_torch_file(last)  # read once: weights, optimiser, RNG, iteration
-            load_detector_state(model, state, self.split, str(last))  # checks its structure
-            optimizer.load_state_dict(state["optimizer"])
-            if state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            start = int(state["iteration"])
-            rng_state = self._rng_for_this_process(state, start)
-            log.info("resumed from %s at iteration %d", last, start)
-        if info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.checkpointer.remove_stale_temporaries()
-            atomic_write_text(self.out / CONFIG, config_to_yaml(cfg))
-            truncate_metrics(self.out / METRICS_FILE, start)
-        model = ddp.wrap_model(model, device, info)
-        self._loop(model, optimizer, scaler, dataset, batch, dtype, start, rng_state)
-        if info.is_main:
-            save_torch_file(
-                {"model": ddp.unwrap(model).state_dict(),
-                 "meta": checkpoint_meta(cfg, self.split),
-                 "config": OmegaConf.to_container(cfg)},
-                final,
-            )
+        # Only rank 0 writes; it holds the folder's lock until the final weights are written.
+        with folder_lock(self.out) if info.is_main else contextlib.nullcontext():
+            if info.is_main:
+                self._check_folder()  # again, now that no other run can start here
+                if self.overwrite:
+                    for p in self.run_files():
+                        p.unlink()
+            start, rng_state = 0, None
+            last, state = self._resume_point()
+            if last is not None:
+                load_detector_state(model, state, self.split, str(last))  # checks its structure
+                optimizer.load_state_dict(state["optimizer"])
+                if state.get("scaler"):
+                    scaler.load_state_dict(state["scaler"])
+                start = int(state["iteration"])
+                rng_state = self._rng_for_this_process(state, start)
+                log.info("resumed from %s at iteration %d", last, start)
+            if info.is_main:
+                self.checkpointer.remove_stale_temporaries()
+                atomic_write_text(self.out / CONFIG, config_to_yaml(cfg))
+                truncate_metrics(self.out / METRICS_FILE, start)
+            model = ddp.wrap_model(model, device, info)
+            self._loop(model, optimizer, scaler, dataset, batch, dtype, start, rng_state)
+            if info.is_main:
+                save_torch_file(
+                    {"model": ddp.unwrap(model).state_dict(),
+                     "meta": checkpoint_meta(cfg, self.split),
+                     "config": OmegaConf.to_container(cfg)},
+                    final,
+                )
         collective.barrier()
         return final
+
+    def _resume_point(self) -> tuple[Path | None, dict | None]:
+        """The checkpoint to resume from and its contents (read once: weights, optimiser,
+        RNG, iteration), or (None, None) to start at iteration 0. Rank 0 chooses the newest
+        readable one; every process resumes from that same file."""
+        found = self.checkpointer.newest_readable() if self.resume and self.dist.is_main \
+            else None
+        chosen = collective.broadcast_object(str(found[0]) if found else None)
+        if chosen is None:
+            return None, None
+        return Path(chosen), found[1] if found else read_torch_file(chosen)
 
     def _rng_for_this_process(self, state: dict, start: int) -> dict | None:
         rng = state.get("rng") or {}
@@ -169,6 +220,7 @@ class Trainer:
             rank=info.rank, world_size=info.world_size,
         )
         counters: dict = {}
+        mismatched: set[str] = set()  # images whose size differs from their annotation's
         window: dict[str, list[float]] = {}
         bar = tqdm(total=max_iter, initial=start, desc="train", unit="it", dynamic_ncols=True,
                    disable=not info.is_main)
@@ -184,6 +236,7 @@ class Trainer:
             for iteration in range(start, max_iter):
                 t0 = time.perf_counter()
                 batch = split_bad(next(it), cfg.DATALOADER.SKIP_BAD_IMAGES, counters)
+                note_size_mismatches(batch, counters, mismatched)
                 data_time += time.perf_counter() - t0
                 # Every process must take part in every step: if any has nothing left
                 # after skipping bad images, all skip this iteration.
