@@ -290,8 +290,8 @@ def _check_replaceable(out: Path, overwrite: bool) -> None:
         raise OreError(f"--out: {out} is not empty and holds no toy world (no {MARKER}); "
                        "it is never replaced: choose another --out")
     if not overwrite:
-        raise OreError(f"--out: {out} already holds a toy world; choose another --out or "
-                       "pass --overwrite to replace it")
+        raise OreError(f"--out: {out} exists and is not empty (a toy world); choose another "
+                       "--out or pass --overwrite to replace it")
 
 
 def write_toy_world(
