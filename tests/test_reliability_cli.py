@@ -92,6 +92,6 @@ def test_overrides_stand_anywhere_and_argument_errors_are_one_line(capsys, tmp_p
         "(see ore train --help)")
     msg = user_error(capsys, ["detect", "--config", "toy/t1_train.yaml", "--weights", "W",
                               "--output", tmp_path / "d", "SEED=1"])
-    assert msg == "error: no INPUT given: name image files or folders"
+    assert msg == "error: no INPUT given: name image or video files, folders or patterns"
     assert user_error(capsys, ["nope"]).startswith("error: ore: argument COMMAND: invalid choice")
     assert not Path(tmp_path / "d").exists()

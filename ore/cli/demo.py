@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+from pathlib import Path
 
 from ore.demo.run import run_demo
 
@@ -18,4 +20,13 @@ def run(args: argparse.Namespace) -> int:
     written = run_demo(args.output, quick=args.quick, seed=args.seed)
     print(f"done in {written['minutes']:.1f} min: {written['html']}  {written['md']}  "
           f"{written['metrics']}")
+    print(f"detect with its ORE run: {detect_command(args.output)}")
     return 0
+
+
+def detect_command(output: str | Path) -> str:
+    """The command that runs ``ore detect`` with the demo's ORE run on its toy test images."""
+    out = Path(output)
+    return shlex.join(["ore", "detect", "--run", str(out / "ore"),
+                       str(out / "toy-data" / "JPEGImages"), "--output",
+                       str(out / "detections")])

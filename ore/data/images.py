@@ -3,14 +3,15 @@
 :func:`decode_image` reads one image, refusing one larger than a pixel limit from its
 header before any pixel is decoded (a small PNG can hold a 30000×30000 image that would
 take tens of GB decoded). :func:`collect_images` gathers what a user names on the command
-line (files and folders); :func:`load_image_folder` reads a whole folder tree into one
-uint8 tensor [n, 3, S, S] (an :class:`ImageSet`), the form backbone pretraining trains
-on: pretraining images are small, and batched augmentation of an in-memory tensor is much
-faster on a CPU than a data loader decoding files.
+line (files, folders, globs; images and videos); :func:`load_image_folder` reads a whole
+folder tree into one uint8 tensor [n, 3, S, S] (an :class:`ImageSet`), the form backbone
+pretraining trains on: pretraining images are small, and batched augmentation of an
+in-memory tensor is much faster on a CPU than a data loader decoding files.
 """
 
 from __future__ import annotations
 
+import glob
 import re
 import warnings
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from PIL import Image
 from ore.errors import OreError
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+# Videos are read frame by frame through OpenCV.
+VIDEO_EXTENSIONS = (".avi", ".m4v", ".mkv", ".mov", ".mp4", ".mpeg", ".mpg", ".webm")
 
 
 def is_image_file(path: Path) -> bool:
@@ -86,18 +89,37 @@ class ImageSet:
     labels: torch.Tensor | None = None
 
 
+def is_video_file(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_EXTENSIONS
+
+
+def _media_in(folder: Path) -> list[Path]:
+    return sorted(q for q in folder.rglob("*")
+                  if q.is_file() and (is_image_file(q) or is_video_file(q)))
+
+
 def collect_images(inputs: list[str | Path]) -> list[Path]:
-    """Image files named directly, and those directly inside named folders (sorted)."""
+    """What a user names on the command line, as files in order: image and video files
+    named directly, those anywhere under a named folder (sorted), and the matches of a
+    glob pattern (``photos/*.jpg``, ``**/*.png``; sorted). A name that is none of these,
+    a folder without images or videos and a pattern matching nothing are errors."""
     paths: list[Path] = []
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if is_image_file(q))
+            found = _media_in(p)
             if not found:
-                raise OreError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {p}")
+                raise OreError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) or videos "
+                               f"({', '.join(VIDEO_EXTENSIONS)}) in folder {p}")
             paths += found
         elif p.is_file():
             paths.append(p)
+        elif glob.has_magic(str(raw)):
+            matches = sorted(Path(m) for m in glob.glob(str(raw), recursive=True))
+            found = [m for m in matches if m.is_file() and (is_image_file(m) or is_video_file(m))]
+            if not found:
+                raise OreError(f"input {raw}: the pattern matches no image or video file")
+            paths += found
         else:
             raise OreError(f"input not found: {p}")
     return paths

@@ -12,6 +12,7 @@ from ore.data.classes import TaskSplit, load_task_split
 from ore.data.dataset import image_to_tensor
 from ore.engine.checkpoint import build_model
 from ore.engine.runtime import resolve_device
+from ore.modeling.energy import energy
 
 
 @dataclass
@@ -22,6 +23,11 @@ class ImageDetections:
     labels: np.ndarray  # int64 [D], SPEC §2 layout
     scores: np.ndarray  # float32 [D]
     names: list[str]
+    # With EBUI on (ORE head and an energy fit): per detection the energy E of its seen-class
+    # logits and the log densities of -E under the known and the unknown fit. None otherwise.
+    energies: np.ndarray | None = None  # float32 [D]
+    known_logpdf: np.ndarray | None = None  # float32 [D]
+    unknown_logpdf: np.ndarray | None = None  # float32 [D]
 
 
 class Predictor:
@@ -50,13 +56,21 @@ class Predictor:
     def predict_tensors(self, images: list[torch.Tensor]) -> list[ImageDetections]:
         outputs = self.model([im.to(self.device) for im in images])
         names = self.split.label_names
+        relabeller = getattr(self.model.roi_heads, "relabeller", None)
         result = []
         for o in outputs:
             labels = o["labels"].cpu().numpy().astype(np.int64)
-            result.append(ImageDetections(
+            det = ImageDetections(
                 boxes=o["boxes"].float().cpu().numpy(), labels=labels,
                 scores=o["scores"].float().cpu().numpy(), names=[names[i] for i in labels],
-            ))
+            )
+            if relabeller is not None and "logits" in o:
+                e = energy(o["logits"].float().cpu(), relabeller.seen_labels,
+                           relabeller.fit.temperature)  # [D]
+                det.energies = e.numpy()
+                det.known_logpdf = np.asarray(relabeller.fit.known.logpdf(-e), np.float32)
+                det.unknown_logpdf = np.asarray(relabeller.fit.unknown.logpdf(-e), np.float32)
+            result.append(det)
         return result
 
     def predict(self, images_rgb: list[np.ndarray]) -> list[ImageDetections]:

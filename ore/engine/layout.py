@@ -152,3 +152,59 @@ class RunLayout:
         if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
             raise OreError(f"{path}: expected {{'t1': {{'train': …, 'ft': …}}, …}}")
         return dict(sorted(data.items(), key=lambda kv: task_number(kv[0])))
+
+
+_STAGE_DIR = re.compile(r"t(\d+)_(train|ft)")
+
+
+@dataclass(frozen=True)
+class RunStage:
+    """What a detector needs from one stage folder of a run: its saved config, its final
+    weights and, when the stage's model was fitted, its energy fit."""
+
+    folder: Path
+    config: Path
+    weights: Path
+    energy_fit: Path | None
+
+
+def _stage_order(folder: Path) -> tuple[int, int]:
+    m = _STAGE_DIR.fullmatch(folder.name)
+    return int(m.group(1)), FOLDER_STAGES.index(m.group(2))
+
+
+def find_run_stage(run: str | Path, stage: str | None = None) -> RunStage:
+    """The stage of ``run`` to detect with.
+
+    ``run`` is an ``ore train`` output folder (``config.yaml`` + ``model_final.pth``) or an
+    ``ore run-tasks`` folder; there ``stage`` (``t2_ft``) names a stage folder, and without
+    it the last finished one is taken (highest task, its finetune before its training).
+    An :class:`OreError` names the folder and what it lacks.
+    """
+    root = Path(run)
+    if not root.is_dir():
+        raise OreError(f"--run {run}: not a folder")
+    if stage is not None:
+        if not _STAGE_DIR.fullmatch(stage):
+            raise OreError(f"--stage {stage!r}: expected a stage folder name such as t2_ft "
+                           "or t1_train")
+        folder = root / stage
+        if not folder.is_dir():
+            found = sorted(p.name for p in root.iterdir() if _STAGE_DIR.fullmatch(p.name))
+            raise OreError(f"--stage {stage}: no folder {folder} (stages there: "
+                           f"{', '.join(found) or 'none'})")
+    elif (root / FINAL).is_file() or (root / CONFIG).is_file():
+        folder = root
+    else:
+        finished = [p for p in root.iterdir()
+                    if _STAGE_DIR.fullmatch(p.name) and (p / FINAL).is_file()]
+        if not finished:
+            raise OreError(f"--run {run}: no {FINAL} there nor in a stage folder (t1_train, "
+                           "t1_ft, …): not a finished ore train or ore run-tasks run")
+        folder = max(finished, key=_stage_order)
+    for name in (CONFIG, FINAL):
+        if not (folder / name).is_file():
+            raise OreError(f"--run {run}: {folder / name} not found (the stage is not finished)")
+    fits = [p for p in (RunLayout.energy_dir(folder) / ENERGY_FIT, folder / ENERGY_FIT)
+            if p.is_file()]
+    return RunStage(folder, folder / CONFIG, folder / FINAL, fits[0] if fits else None)

@@ -25,9 +25,10 @@ def class_color(name: str) -> tuple[int, int, int]:
 
 def draw_detections(
     image_rgb: np.ndarray, boxes: np.ndarray, names: list[str], scores: np.ndarray | None = None,
-    thickness: int | None = None,
+    thickness: int | None = None, energies: np.ndarray | None = None,
 ) -> np.ndarray:
-    """A copy of ``image_rgb`` with labelled boxes (0-based xyxy pixel coordinates)."""
+    """A copy of ``image_rgb`` with labelled boxes (0-based xyxy pixel coordinates); each
+    label reads the class, then the score and the energy ``E`` when given."""
     out = np.ascontiguousarray(image_rgb).copy()
     h, w = out.shape[:2]
     thickness = thickness or max(1, round(min(h, w) / 250))
@@ -38,6 +39,8 @@ def draw_detections(
         color = class_color(names[i])
         cv2.rectangle(out, (x1, y1), (x2, y2), color, thickness, cv2.LINE_AA)
         label = names[i] if scores is None else f"{names[i]} {scores[i]:.2f}"
+        if energies is not None:
+            label += f" E{energies[i]:.1f}"
         (tw, th), base = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
         ty = y1 - 2 if y1 - th - base - 2 >= 0 else y1 + th + 2
         cv2.rectangle(out, (x1, ty - th - 1), (x1 + tw + 2, ty + base - 1), color, -1)
