@@ -49,7 +49,7 @@ def test_quality_loss_matches_the_formula_on_every_qualifying_anchor():
     # Anchors 1 (IoU 0.5), 0 (1.0), 2 (1/3), 3 (0.69) of image 0 and 0 (0.64) of image 1
     # qualify; image 1's far anchor (IoU 0) does not.
     assert len(terms) == 5
-    assert float(loss) == pytest.approx(sum(terms) / len(terms), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(sum(terms) / len(terms), rel=1e-6)
     loss.backward()
     assert float(logits.grad[5]) == 0.0  # never a negative: no gradient at all
     assert all(float(g) != 0.0 for g in logits.grad[:5])
