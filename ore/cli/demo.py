@@ -21,6 +21,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"done in {written['minutes']:.1f} min: {written['html']}  {written['md']}  "
           f"{written['metrics']}")
     print(f"detect with its ORE run: {detect_command(args.output)}")
+    print(f"or look at it in a browser: {serve_command(args.output)}")
     return 0
 
 
@@ -30,3 +31,8 @@ def detect_command(output: str | Path) -> str:
     return shlex.join(["ore", "detect", "--run", str(out / "ore"),
                        str(out / "toy-data" / "JPEGImages"), "--output",
                        str(out / "detections")])
+
+
+def serve_command(output: str | Path) -> str:
+    """The command that serves the demo's ORE run on a local web page."""
+    return shlex.join(["ore", "serve", "--run", str(Path(output) / "ore")])

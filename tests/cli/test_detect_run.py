@@ -201,3 +201,11 @@ def test_the_demo_command_runs_on_a_demo_layout(tmp_path, run_dir, images):
     assert argv[:2] == ["ore", "detect"]
     assert main([*argv[1:], "--score-thresh", "0"]) == 0
     assert (demo / "detections" / "detections.json").is_file()
+
+
+def test_the_demo_serve_command_names_its_ore_run(tmp_path):
+    from ore.cli import parse_args
+    from ore.cli.demo import serve_command
+
+    args = parse_args(shlex.split(serve_command(tmp_path / "d"))[1:])
+    assert args.command == "serve" and args.run == str(tmp_path / "d" / "ore")
