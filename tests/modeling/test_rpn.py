@@ -70,7 +70,8 @@ def test_rpn_trains_in_quality_mode_and_scores_are_probabilities():
     targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0]]), "labels": torch.tensor([1])}]
     model.train()
     losses = model(images, targets)
-    assert torch.isfinite(losses["loss_objectness"]) and float(losses["loss_objectness"].detach()) > 0
+    objectness = losses["loss_objectness"]
+    assert torch.isfinite(objectness) and float(objectness.detach()) > 0
     losses["loss_objectness"].backward()
     assert model.rpn.head.cls_logits.weight.grad.abs().sum() > 0
 
