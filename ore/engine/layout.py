@@ -123,13 +123,22 @@ class RunLayout:
                 return d / FINAL
         return None
 
+    @staticmethod
+    def stage_energy_file(stage_dir: Path, name: str = ENERGY_FIT) -> Path | None:
+        """A file of the energy fit of one stage: ``<stage>/energy/<name>`` (as run-tasks
+        writes it) or ``<stage>/<name>``; None when neither exists."""
+        for p in (RunLayout.energy_dir(stage_dir) / name, stage_dir / name):
+            if p.is_file():
+                return p
+        return None
+
     def find_energy_file(self, task: int, name: str = ENERGY_FIT) -> Path | None:
-        """A file of the energy fit of a task's final model: ``<stage>/energy/<name>``
-        (as run-tasks writes it) or ``<stage>/<name>``, latest stage first."""
+        """A file of the energy fit of a task's final model (:meth:`stage_energy_file`),
+        latest stage first."""
         for d in self.latest_stage_dirs(task):
-            for p in (self.energy_dir(d) / name, d / name):
-                if p.is_file():
-                    return p
+            found = self.stage_energy_file(d, name)
+            if found is not None:
+                return found
         return None
 
     def metrics_logs(self) -> list[Path]:
@@ -205,6 +214,5 @@ def find_run_stage(run: str | Path, stage: str | None = None) -> RunStage:
     for name in (CONFIG, FINAL):
         if not (folder / name).is_file():
             raise OreError(f"--run {run}: {folder / name} not found (the stage is not finished)")
-    fits = [p for p in (RunLayout.energy_dir(folder) / ENERGY_FIT, folder / ENERGY_FIT)
-            if p.is_file()]
-    return RunStage(folder, folder / CONFIG, folder / FINAL, fits[0] if fits else None)
+    return RunStage(folder, folder / CONFIG, folder / FINAL,
+                    RunLayout.stage_energy_file(folder))

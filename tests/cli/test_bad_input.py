@@ -17,6 +17,7 @@ from ore.cli import main
 from ore.data.classes import TOY_NEVER_INTRODUCED, TOY_TASKS
 from ore.engine.layout import FINAL
 from ore.engine.metrics_log import read_metrics
+from tests.reliability import user_error
 
 FAST = ["DATALOADER.NUM_WORKERS=0", "SOLVER.IMS_PER_BATCH=2", "SOLVER.MAX_ITER=2",
         "SOLVER.WARMUP_ITERS=0", "INPUT.MIN_SIZE_TRAIN=[64,64]", "INPUT.MAX_SIZE_TRAIN=96"]
@@ -30,17 +31,6 @@ def world(toy_root, tmp_path) -> pathlib.Path:
 
 def first_ids(root: pathlib.Path, n: int = 1, split: str = "t1_train") -> list[str]:
     return (root / "ImageSets" / "Main" / f"{split}.txt").read_text().split()[:n]
-
-
-def user_error(capsys, argv: list[str]) -> str:
-    """Run the CLI; check the one-line failure contract; return the message."""
-    rc = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert rc == 2, err
-    assert len(errors) == 1, err
-    assert "Traceback" not in err
-    return errors[0]
 
 
 def train(out: pathlib.Path, root: pathlib.Path | str, *extra: str) -> list[str]:
