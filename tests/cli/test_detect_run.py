@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shlex
 import shutil
 from pathlib import Path
@@ -209,3 +210,26 @@ def test_the_demo_serve_command_names_its_ore_run(tmp_path):
 
     args = parse_args(shlex.split(serve_command(tmp_path / "d"))[1:])
     assert args.command == "serve" and args.run == str(tmp_path / "d" / "ore")
+
+
+VTEST = Path("/usr/share/doc/opencv-doc/examples/data/vtest.avi")
+
+
+@pytest.mark.skipif(not VTEST.is_file() and not os.environ.get("CI"),
+                    reason="Debian package opencv-doc is not installed (.ci/run installs it; "
+                           "under CI=true this test runs and fails)")
+def test_a_real_clip_opencvs_vtest_avi(capsys, tmp_path, run_dir):
+    """OpenCV's pedestrian clip (795 frames of 768×576 at 10 fps, XVID): every 200th frame."""
+    out = tmp_path / "det"
+    assert detect(run_dir, out, VTEST, "--every", "200") == 0
+    assert "1 videos (4 frames)" in capsys.readouterr().out
+    records = json.loads((out / "detections.json").read_text())
+    assert [r["frame"] for r in records] == [0, 200, 400, 600]
+    assert all((r["height"], r["width"]) == (576, 768) for r in records)
+    assert all(b[2] <= 768 and b[3] <= 576 for r in records for b in r["boxes"])
+    cap = cv2.VideoCapture(str(out / "vtest.avi"))
+    assert (cap.get(cv2.CAP_PROP_FRAME_WIDTH), cap.get(cv2.CAP_PROP_FRAME_HEIGHT)) == (768, 576)
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    assert n == 4
