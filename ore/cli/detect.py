@@ -8,7 +8,7 @@ import argparse
 from ore.cli.common import add_batch_size, check_batch_size, split_overrides
 from ore.config import load_config
 from ore.data.images import collect_images, is_video_file
-from ore.engine.detect import FORMATS, check_detect_paths, detect_images
+from ore.engine.detect import DRAW_THRESH, FORMATS, check_detect_paths, detect_images
 from ore.engine.inference import Predictor
 from ore.engine.layout import find_run_stage
 from ore.errors import OreError
@@ -32,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--every", type=int, default=1, help="videos: detect on every N-th frame")
     p.add_argument("--score-thresh", type=float, default=None,
                    help="drop detections under this score (default: the config's)")
+    p.add_argument("--draw-thresh", type=float, default=DRAW_THRESH,
+                   help="draw only detections scoring at least this on the output images and "
+                        f"videos; the results files keep every detection (default {DRAW_THRESH}"
+                        ", as the serve page's slider starts)")
     add_batch_size(p)
 
 
@@ -64,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         raise OreError(f"--score-thresh {args.score_thresh} is not in [0, 1]")
     if args.every < 1:
         raise OreError(f"--every {args.every} must be ≥ 1")
+    if not 0.0 <= args.draw_thresh <= 1.0:
+        raise OreError(f"--draw-thresh {args.draw_thresh} is not in [0, 1]")
     check_batch_size(args.batch_size)
     inputs, overrides = split_overrides(args.inputs)
     if not inputs:
@@ -73,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     check_detect_paths([*inputs, *paths], args.output, args.format)
     predictor = Predictor(cfg, weights, args.score_thresh)
     records = detect_images(predictor, paths, args.output, args.batch_size, every=args.every,
-                            formats=args.format)
+                            formats=args.format, draw_thresh=args.draw_thresh)
     n_unknown = sum(label == "unknown" for r in records for label in r["labels"])
     n_total = sum(len(r["labels"]) for r in records)
     skipped = sum("error" in r for r in records)
@@ -84,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
         frames = sum("frame" in r for r in records)
         what += (", " if what else "") + f"{n_videos} videos ({frames} frames)"
     ebui = " with EBUI" if cfg.EBUI.ENABLED else ""
+    n_drawn = sum(s >= args.draw_thresh for r in records for s in r["scores"])
     print(f"{what}, {n_total} detections ({n_unknown} unknown){ebui} → {args.output}"
+          f" ({n_drawn} scoring ≥ {args.draw_thresh:g} drawn)"
           + (f"; {skipped} unreadable {'inputs' if n_videos else 'images'} skipped"
              if skipped else ""))
     return 0

@@ -47,6 +47,8 @@ RESULT_FILES = tuple(name for names in FORMATS.values() for name in names)
 VIDEO_CODECS = {".mp4": "mp4v", ".avi": "MJPG"}
 CSV_COLUMNS = ("image", "frame", "drawn", "x1", "y1", "x2", "y2", "label", "unknown", "score",
                "energy", "known_logpdf", "unknown_logpdf")
+# Drawn output shows detections from this score up (the results files keep them all).
+DRAW_THRESH = 0.3
 
 
 def _files_of_others(out: Path) -> set[str]:
@@ -144,8 +146,12 @@ def detection_record(source: str, drawn: str | None, det: ImageDetections, heigh
     return record
 
 
-def _draw(image: np.ndarray, det: ImageDetections) -> np.ndarray:
-    return draw_detections(image, det.boxes, det.names, det.scores, energies=det.energies)
+def _draw(image: np.ndarray, det: ImageDetections, min_score: float) -> np.ndarray:
+    """``image`` with the detections scoring at least ``min_score`` drawn on it."""
+    keep = np.flatnonzero(det.scores >= min_score)
+    energies = None if det.energies is None else det.energies[keep]
+    return draw_detections(image, det.boxes[keep], [det.names[i] for i in keep],
+                           det.scores[keep], energies=energies)
 
 
 class _Names:
@@ -163,7 +169,7 @@ class _Names:
 
 
 def _detect_batch(predictor: Predictor, chunk: list[Path], out: Path, names: _Names,
-                  max_pixels: int) -> list[dict]:
+                  max_pixels: int, draw_thresh: float) -> list[dict]:
     images: list = []  # per path: the image, or the record of its failure
     for p in chunk:
         try:
@@ -179,14 +185,15 @@ def _detect_batch(predictor: Predictor, chunk: list[Path], out: Path, names: _Na
             continue
         det = next(dets)
         name = names.take(p.stem, ".jpg")
-        ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(_draw(img, det), cv2.COLOR_RGB2BGR))
+        ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(_draw(img, det, draw_thresh),
+                                                        cv2.COLOR_RGB2BGR))
         atomic_write(out / name, lambda f, data=jpg: f.write(data.tobytes()))
         records.append(detection_record(str(p), name, det, *img.shape[:2]))
     return records
 
 
 def _detect_video(predictor: Predictor, path: Path, out: Path, names: _Names, every: int,
-                  batch_size: int, max_pixels: int) -> list[dict]:
+                  batch_size: int, max_pixels: int, draw_thresh: float) -> list[dict]:
     """Every ``every``-th frame of ``path``: its record, and a drawn video of those frames
     (written under a temporary name, renamed once whole)."""
     cap = cv2.VideoCapture(str(path))
@@ -211,7 +218,7 @@ def _detect_video(predictor: Predictor, path: Path, out: Path, names: _Names, ev
                                          max(fps / every, 1.0), (rgb.shape[1], rgb.shape[0]))
                 if not writer.isOpened():
                     raise OreError(f"cannot write the video {out / name} (OpenCV)")
-            writer.write(cv2.cvtColor(_draw(rgb, det), cv2.COLOR_RGB2BGR))
+            writer.write(cv2.cvtColor(_draw(rgb, det, draw_thresh), cv2.COLOR_RGB2BGR))
             records.append(detection_record(str(path), name, det, *rgb.shape[:2], frame=index))
         pending.clear()
 
@@ -243,15 +250,19 @@ def _detect_video(predictor: Predictor, path: Path, out: Path, names: _Names, ev
 
 
 def detect_images(predictor: Predictor, paths: list[Path], output: str | Path,
-                  batch_size: int = 4, *, every: int = 1, formats=("json",)) -> list[dict]:
+                  batch_size: int = 4, *, every: int = 1, formats=("json",),
+                  draw_thresh: float = 0.0) -> list[dict]:
     """Run ``predictor`` on ``paths`` (images and videos); write ``<output>/<stem>.jpg``
     (drawn) per image, a drawn ``<output>/<stem>.mp4`` (or ``.avi``) per video, and
-    ``<output>/detections.json`` with the results files of ``formats``. Returns the records
-    of detections.json: one per image in the order of ``paths``, one per frame detected
-    of a video; an unreadable image's record has no detections and an ``error``.
+    ``<output>/detections.json`` with the results files of ``formats``. The drawings show
+    the detections scoring at least ``draw_thresh``; the results files hold them all.
+    Returns the records of detections.json: one per image in the order of ``paths``, one
+    per frame detected of a video; an unreadable image's record has no detections and an ``error``.
     When no input is readable, a one-line :class:`OreError` and nothing is written."""
     if every < 1:
         raise OreError(f"--every {every} must be ≥ 1")
+    if not 0.0 <= draw_thresh <= 1.0:
+        raise OreError(f"--draw-thresh {draw_thresh} is not in [0, 1]")
     formats = check_formats(formats)
     out = Path(output)
     max_pixels = predictor.cfg.INPUT.MAX_PIXELS
@@ -260,12 +271,13 @@ def detect_images(predictor: Predictor, paths: list[Path], output: str | Path,
     batch: list[Path] = []
     for i, p in enumerate(tqdm(paths, desc="detect", unit="input")):
         if is_video_file(p):
-            records += _detect_video(predictor, p, out, names, every, batch_size, max_pixels)
+            records += _detect_video(predictor, p, out, names, every, batch_size, max_pixels,
+                                     draw_thresh)
         else:
             batch.append(p)
         if batch and (len(batch) == batch_size or i + 1 == len(paths)
                       or is_video_file(paths[i + 1])):
-            records += _detect_batch(predictor, batch, out, names, max_pixels)
+            records += _detect_batch(predictor, batch, out, names, max_pixels, draw_thresh)
             batch = []
     if all("error" in r for r in records):
         first = records[0] if records else None

@@ -21,7 +21,7 @@ from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import HTMLResponse
 from PIL import Image, UnidentifiedImageError
 
-from ore.engine.detect import detection_record
+from ore.engine.detect import DRAW_THRESH, detection_record
 from ore.engine.inference import Predictor
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -56,7 +56,8 @@ def build_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES)
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
-        return PAGE.replace("{{EBUI}}", "checked" if relabeller is not None else "disabled")
+        return (PAGE.replace("{{EBUI}}", "checked" if relabeller is not None else "disabled")
+                .replace("{{SCORE}}", f"{DRAW_THRESH:.2f}"))
 
     @app.get("/api/info")
     def info() -> dict:
@@ -96,8 +97,8 @@ tr.unknown td{color:#b000b0;font-weight:bold}#error{color:#b00}
 </style></head><body>
 <h1>ORE: known objects and unknowns</h1>
 <div id="drop">Drop an image here or <input type="file" id="file" accept="image/*"></div>
-<label>min score <input type="range" id="score" min="0" max="1" step="0.01" value="0.3">
-<span id="scoreval">0.30</span></label>
+<label>min score <input type="range" id="score" min="0" max="1" step="0.01" value="{{SCORE}}">
+<span id="scoreval">{{SCORE}}</span></label>
 <label><input type="checkbox" id="ebui" {{EBUI}}> EBUI (energy-based unknowns)</label>
 <p id="error"></p>
 <div id="main"><canvas id="canvas" width="0" height="0"></canvas>

@@ -233,3 +233,26 @@ def test_a_real_clip_opencvs_vtest_avi(capsys, tmp_path, run_dir):
     while cap.read()[0]:
         n += 1
     assert n == 4
+
+
+def test_draw_thresh_limits_the_drawing_not_the_results(capsys, tmp_path, run_dir, images):
+    """--draw-thresh 1 draws nothing (the output is the picture itself), 0 draws every
+    detection; detections.json holds the same detections either way."""
+    src = cv2.imread(str(images / "a.jpg"))
+    records = {}
+    for thresh in ("1", "0"):
+        out = tmp_path / f"det{thresh}"
+        assert detect(run_dir, out, images / "a.jpg", "--draw-thresh", thresh) == 0
+        n = len(json.loads((out / "detections.json").read_text())[0]["boxes"])
+        assert f"({n if thresh == '0' else 0} scoring ≥ {thresh} drawn)" in (
+            capsys.readouterr().out)
+        drawn = cv2.imread(str(out / "a.jpg")).astype(int)
+        diff = np.abs(drawn - src.astype(int)).max(axis=2)
+        changed = int((diff > 60).sum())  # JPEG re-encoding alone stays under 25
+        assert (changed > 100) if thresh == "0" else (changed == 0)
+        records[thresh] = json.loads((out / "detections.json").read_text())
+    assert records["0"] == records["1"]
+    assert len(records["0"][0]["boxes"]) > 0
+    assert "--draw-thresh 1.5" in user_error(capsys, ["detect", "--run", run_dir, images,
+                                                      "--draw-thresh", "1.5", "--output",
+                                                      tmp_path / "x"])
