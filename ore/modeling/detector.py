@@ -1,7 +1,9 @@
 """Faster R-CNN assembled from torchvision parts, configured by ``ore.config``.
 
 Shapes: B images, R RoIs, K classes over all tasks. The classifier has K + 2 outputs
-and never grows (SPEC §2): 0 = background, 1..K = classes in task order, K+1 = unknown.
+and never grows within a class split (SPEC §2): 0 = background, 1..K = classes in task
+order, K+1 = unknown. A split extended by a task after training (``ore add-task``) is met
+by :func:`extend_class_layout`.
 Classes not yet introduced are masked: their logits are −inf in training and at test
 time, so they get no gradient and never win. The standard (closed-set) head keeps
 ``unknown`` masked as well; the ORE head activates it.
@@ -9,6 +11,7 @@ time, so they get no gradient and never win. The standard (closed-set) head keep
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,10 +28,17 @@ from torchvision.ops import MultiScaleRoIAlign
 from ore.data.classes import TaskSplit
 from ore.errors import OreError
 from ore.modeling.backbone import build_fpn_backbone
-from ore.modeling.clustering import PrototypeStore
+from ore.modeling.clustering import (
+    PROTOTYPE_INITS,
+    REDUCTIONS,
+    UPDATE_PHASES,
+    PrototypeStore,
+)
 from ore.modeling.energy import build_relabeller
 from ore.modeling.roi_heads import UNK_SOURCES, ORERoIHeads, StandardRoIHeads
 from ore.modeling.rpn import OBJECTNESS_MODES, RPN_UNKNOWN_MODES, ScoredRPN
+
+log = logging.getLogger(__name__)
 
 BACKBONES = {"resnet50_fpn": "resnet50", "resnet18_fpn": "resnet18", "tiny_fpn": "tiny"}
 ROI_HEADS = ("standard", "ore")
@@ -125,6 +135,13 @@ def build_detector(cfg: DictConfig, split: TaskSplit, *, backbone_weights: Any =
                        f"{RPN_UNKNOWN_MODES}")
     if cfg.OWOD.UNK_SOURCE not in UNK_SOURCES:
         raise OreError(f"OWOD.UNK_SOURCE: {cfg.OWOD.UNK_SOURCE!r}; expected one of {UNK_SOURCES}")
+    for key, value, choices in (
+        ("CLUSTERING.LOSS_REDUCTION", cfg.CLUSTERING.LOSS_REDUCTION, REDUCTIONS),
+        ("CLUSTERING.PROTOTYPE_INIT", cfg.CLUSTERING.PROTOTYPE_INIT, PROTOTYPE_INITS),
+        ("CLUSTERING.UPDATE_PHASE", cfg.CLUSTERING.UPDATE_PHASE, UPDATE_PHASES),
+    ):
+        if value not in choices:
+            raise OreError(f"{key}: {value!r}; expected one of {choices}")
     stages = tuple(m.BACKBONE.RETURNED_STAGES)
     backbone = build_fpn_backbone(
         arch=BACKBONES[m.BACKBONE.NAME], norm=m.BACKBONE.NORM, weights=backbone_weights,
@@ -170,15 +187,19 @@ def build_detector(cfg: DictConfig, split: TaskSplit, *, backbone_weights: Any =
     )
     if roi.NAME == "ore":
         c, o = cfg.CLUSTERING, cfg.OWOD
+        # Rows: the classes, unknown, and background with CLUSTERING.BACKGROUND_ROW.
         store = PrototypeStore(
-            split.num_classes + 1, m.ROI_BOX_HEAD.FC_DIM, items_per_class=c.ITEMS_PER_CLASS,
-            momentum=c.MOMENTUM, start_iter=c.START_ITER, update_every=c.UPDATE_MU_ITER,
+            split.num_classes + 1 + int(c.BACKGROUND_ROW), m.ROI_BOX_HEAD.FC_DIM,
+            items_per_class=c.ITEMS_PER_CLASS, momentum=c.MOMENTUM, start_iter=c.START_ITER,
+            update_every=c.UPDATE_MU_ITER, init=c.PROTOTYPE_INIT, phase=c.UPDATE_PHASE,
         )
         heads = ORERoIHeads(
             **common, unknown_label=split.unknown_label, num_unk_per_image=o.NUM_UNK_PER_IMAGE,
             unk_source=o.UNK_SOURCE, unk_iou_thresh=o.UNK_IOU_THRESH,
             store=store, clustering_enabled=c.ENABLED, clustering_margin=c.MARGIN,
             distance_p=c.DISTANCE_P, clustering_weight=c.LOSS_WEIGHT,
+            clustering_reduction=c.LOSS_REDUCTION, background_row=c.BACKGROUND_ROW,
+            regress_unknowns=o.REGRESS_UNKNOWNS,
             unknown_score_thresh=(roi.UNKNOWN_SCORE_THRESH_TEST
                                   if roi.UNKNOWN_SCORE_THRESH_TEST >= 0 else None),
         )
@@ -215,24 +236,78 @@ def checkpoint_meta(cfg: DictConfig, split: TaskSplit) -> dict:
     }
 
 
+def _is_prefix(old: Iterable[str], new: Iterable[str]) -> bool:
+    old, new = list(old), list(new)
+    return len(old) < len(new) and new[: len(old)] == old
+
+
+# State entries indexed by label (background, classes, unknown), by 4 × label (the
+# class-specific box deltas), and by prototype-store row (classes, unknown, background).
+_BY_LABEL = ("roi_heads.box_predictor.cls_score.",)
+_BY_BOX_LABEL = ("roi_heads.box_predictor.bbox_pred.",)
+_BY_STORE_ROW = ("roi_heads.store.",)
+
+
+def extend_class_layout(state: dict[str, torch.Tensor], old_k: int, new_k: int,
+                        fresh: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` of a detector with ``old_k`` classes as a detector with ``new_k`` ≥
+    ``old_k`` classes whose first ``old_k`` are the same: background and the old classes
+    keep their label, ``unknown`` moves from ``old_k + 1`` to ``new_k + 1``, and the rows of
+    the added classes are taken from ``fresh`` (the new model's own initialisation). The
+    same for the prototype store's rows (classes ``0..K−1``, unknown ``K``, background
+    ``K + 1`` when the store keeps one)."""
+    labels = torch.cat([torch.arange(old_k + 1), torch.tensor([new_k + 1])])  # old → new
+    out = dict(state)
+    for key, value in state.items():
+        if key not in fresh or fresh[key].shape == value.shape:
+            continue
+        if key.startswith(_BY_LABEL):
+            dst = labels
+        elif key.startswith(_BY_BOX_LABEL):
+            dst = (4 * labels[:, None] + torch.arange(4)).reshape(-1)
+        elif key.startswith(_BY_STORE_ROW):
+            rows = value.shape[0]
+            background = rows == old_k + 2
+            dst = torch.cat([torch.arange(old_k), torch.tensor([new_k]),
+                             torch.tensor([new_k + 1] if background else [], dtype=torch.long)])
+        else:
+            continue  # left to the shape check of the caller
+        if len(dst) != value.shape[0] or int(dst.max()) >= fresh[key].shape[0]:
+            continue
+        extended = fresh[key].clone()
+        extended[dst] = value
+        out[key] = extended
+    return out
+
+
 def load_detector_state(model: nn.Module, ckpt: Any, split: TaskSplit, source: str) -> dict:
     """Load a detector checkpoint (``{"model": state_dict, "meta": …}``, read from the file
     ``source``) into ``model``.
 
-    The class layout must match; the active-class mask is set by the config, not the file.
+    The class layout must match, or be a prefix of ``split``'s (a task appended to the split
+    since: :func:`extend_class_layout`); the active-class mask is set by the config, not the
+    file.
     Returns the checkpoint's meta.
     """
     path = source
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise OreError(f"{path}: not an ORE detector checkpoint (no 'model' state dict)")
     meta = ckpt.get("meta") or {}
-    if meta.get("classes") is not None and list(meta["classes"]) != list(split.classes):
+    state = dict(ckpt["model"])
+    old_classes = meta.get("classes")
+    if old_classes is not None and _is_prefix(old_classes, split.classes):
+        # A task added to the split after this checkpoint was trained: its classes come
+        # first, the added ones start from this model's initialisation.
+        state = extend_class_layout(state, len(old_classes), split.num_classes,
+                                    model.state_dict())
+        log.info("%s: %d classes extended to %d (new: %s)", path, len(old_classes),
+                 split.num_classes, ", ".join(split.classes[len(old_classes):]))
+    elif old_classes is not None and list(old_classes) != list(split.classes):
         raise OreError(
             f"{path}: checkpoint was trained for a different class layout "
             f"({len(meta['classes'])} classes, first {meta['classes'][:3]}) than "
             f"split {split.name} ({split.num_classes} classes, first {list(split.classes[:3])})"
         )
-    state = dict(ckpt["model"])
     active_key = "roi_heads.box_predictor.active"
     state.pop(active_key, None)
     own = model.state_dict()
