@@ -16,6 +16,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 import numpy as np
 
@@ -180,7 +181,24 @@ def parse_voc_xml(
     return record if keep.all() else record.select(keep)
 
 
-def _find_image(image_dir: Path, image_id: str) -> Path:
+def voc_xml(record: ImageRecord) -> str:
+    """The VOC annotation of one record (what :func:`parse_voc_xml` reads back): its size
+    and one ``<object>`` per box, corners rounded to whole pixels."""
+    objects = []
+    corners = np.rint(record.boxes).astype(np.int64).tolist()
+    for (x1, y1, x2, y2), name, difficult in zip(corners, record.names, record.difficult):
+        objects.append(
+            f"  <object>\n    <name>{escape(name)}</name>\n"
+            f"    <difficult>{int(bool(difficult))}</difficult>\n"
+            f"    <bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin><xmax>{x2}</xmax>"
+            f"<ymax>{y2}</ymax></bndbox>\n  </object>\n")
+    return (f"<annotation>\n  <folder>JPEGImages</folder>\n"
+            f"  <filename>{escape(Path(record.file_name).name)}</filename>\n"
+            f"  <size><width>{record.width}</width><height>{record.height}</height>"
+            f"<depth>3</depth></size>\n" + "".join(objects) + "</annotation>\n")
+
+
+def find_image(image_dir: Path, image_id: str) -> Path:
     for ext in (*VOC_IMAGE_EXTENSIONS, *(e.upper() for e in VOC_IMAGE_EXTENSIONS)):
         p = image_dir / f"{image_id}{ext}"
         if p.is_file():
@@ -212,7 +230,7 @@ def load_voc_split(
     stats = LoadStats()
     images = root / image_dir
     records = [
-        parse_voc_xml(root / "Annotations" / f"{i}.xml", _find_image(images, i), split, stats)
+        parse_voc_xml(root / "Annotations" / f"{i}.xml", find_image(images, i), split, stats)
         for i in ids
     ]
     _report(stats, f"{root}:{split_name}")

@@ -14,6 +14,7 @@ before the first one runs. The run folder is locked while a schedule runs in it.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ore.config import CONFIG_ROOT, config_differences, load_config
+from ore.data.classes import load_task_split
 from ore.data.exemplars import build_exemplar_list
 from ore.engine.energy_fit import fit_energy
 from ore.engine.evaluate import evaluate_model
@@ -47,6 +49,8 @@ from ore.fileio import (
     read_json,
     read_yaml,
 )
+
+log = logging.getLogger(__name__)
 
 _TASK_FILE = re.compile(r"^t(\d+)_(train|ft)\.yaml$")
 
@@ -148,30 +152,39 @@ class _Stage:
     exemplars_cfg: DictConfig | None = None
 
 
+def plan_stage(file: Path, task: int, folder: Path, overrides: list[str], *,
+               scale: float = 1.0, exemplar_list: Path | None = None) -> _Stage:
+    """One stage of task ``task``: ``file`` with ``overrides`` (and its schedule scaled by
+    ``scale``), trained in ``folder``. With ``exemplar_list``, a finetune whose config builds
+    its exemplars (``EXEMPLARS.BUILD``) trains on that list, written before it runs."""
+    ovs = list(overrides)
+    ovs += schedule_overrides(load_config(file, ovs), scale)
+    cfg = load_config(file, ovs)
+    if cfg.OWOD.TASK != task:
+        raise OreError(f"{file}: OWOD.TASK is {cfg.OWOD.TASK}, expected {task}")
+    stage = _Stage(file, ovs, cfg, folder)
+    if exemplar_list is not None and cfg.EXEMPLARS.BUILD:
+        # The chosen images are kept next to the finetuned checkpoint.
+        stage.exemplars_cfg = cfg
+        stage.overrides = [*ovs, f"DATASETS.TRAIN={exemplar_list}"]
+        stage.cfg = load_config(file, stage.overrides)
+    return stage
+
+
 def _plan(config_dir: Path, run: RunLayout, overrides: list[str], scale: float
           ) -> list[tuple[int, _Stage, _Stage | None]]:
     """Every task's training and finetune stages, as run_tasks runs them."""
-
-    def stage(file: Path, task: int, name: str, extra: list[str]) -> _Stage:
-        ovs = [*overrides, *extra]
-        ovs += schedule_overrides(load_config(file, ovs), scale)
-        cfg = load_config(file, ovs)
-        if cfg.OWOD.TASK != task:
-            raise OreError(f"{file}: OWOD.TASK is {cfg.OWOD.TASK}, expected {task}")
-        return _Stage(file, ovs, cfg, run.stage_dir(task, name))
-
     plan = []
     prev: Path | None = None
     for t, train_file, ft_file in discover_tasks(config_dir):
-        train = stage(train_file, t, "train", [f"MODEL.WEIGHTS={prev}"] if prev else [])
+        train = plan_stage(train_file, t, run.stage_dir(t, "train"),
+                           [*overrides, *([f"MODEL.WEIGHTS={prev}"] if prev else [])],
+                           scale=scale)
         ft = None
         if ft_file is not None:
-            ft = stage(ft_file, t, "ft", [f"MODEL.WEIGHTS={train.folder / FINAL}"])
-            if ft.cfg.EXEMPLARS.BUILD:
-                # The chosen images are kept next to the finetuned checkpoint.
-                ft.exemplars_cfg = ft.cfg
-                ft.overrides = [*ft.overrides, f"DATASETS.TRAIN={run.exemplar_list(t)}"]
-                ft.cfg = load_config(ft_file, ft.overrides)
+            ft = plan_stage(ft_file, t, run.stage_dir(t, "ft"),
+                            [*overrides, f"MODEL.WEIGHTS={train.folder / FINAL}"],
+                            scale=scale, exemplar_list=run.exemplar_list(t))
         plan.append((t, train, ft))
         prev = (ft or train).folder / FINAL
     return plan
@@ -207,15 +220,40 @@ def run_tasks(config_dir: str | Path, output: str | Path, overrides: list[str] =
         raise OreError(f"--schedule-scale {schedule_scale}: expected a finite number > 0")
     run = RunLayout(check_output_dir(output))
     plan = _plan(Path(config_dir), run, list(overrides), schedule_scale)
+    with folder_lock(run.root):
+        summary = run_stages(run, plan, evaluate)
+        run.write_summary(summary)
+    return summary
+
+
+def run_stages(run: RunLayout, plan: list[tuple[int, _Stage, _Stage | None]],
+               evaluate: bool = True) -> dict:
+    """Run planned tasks in ``run`` (each stage checked first: a folder holding another
+    config's run is an error); returns their summary entries by task key."""
     for _, train, ft in plan:
         for stage in (train, ft):
             if stage is not None:
                 _check_unchanged(stage)
-    with folder_lock(run.root):
-        summary = {task_key(t): _run_task(t, train, ft, run, evaluate)
-                   for t, train, ft in plan}
-        run.write_summary(summary)
+    return {task_key(t): _run_task(t, train, ft, run, evaluate) for t, train, ft in plan}
+
+
+def write_task_summary(run: RunLayout, key: str, entry: dict) -> dict:
+    """The run's ``summary.json`` with task ``key``'s entry set (added or replaced)."""
+    summary = run.load_summary() if run.summary_file.is_file() else {}
+    summary[key] = entry
+    run.write_summary(summary)
     return summary
+
+
+def _unknowns_remain(cfg: DictConfig, task: int) -> bool:
+    """Whether the class split leaves any class unknown after ``task`` (later tasks or
+    never-introduced classes); without one, there is no unknown energy to fit."""
+    split = load_task_split(cfg.DATASETS.CLASSES)
+    if task < split.num_tasks or split.never_introduced:
+        return True
+    log.warning("task %d leaves no class of split %s unknown: EBUI is not fitted", task,
+                split.name)
+    return False
 
 
 def _run_task(t: int, train: _Stage, ft: _Stage | None, run: RunLayout, evaluate: bool
@@ -236,7 +274,7 @@ def _run_task(t: int, train: _Stage, ft: _Stage | None, run: RunLayout, evaluate
         if evaluate:
             stages["ft"] = _evaluate(ft.cfg, final, run.eval_file(t, "ft"))
         last = ft
-    if cfg.EBUI.RUN_TASKS and cfg.MODEL.ROI_HEADS.NAME == "ore":
+    if cfg.EBUI.RUN_TASKS and cfg.MODEL.ROI_HEADS.NAME == "ore" and _unknowns_remain(cfg, t):
         # EBUI on the task's final model: fit on the held-out split, then evaluate with it.
         stages["ebui"] = _fit_and_evaluate_ebui(last.file, last.overrides, last.folder, final,
                                                 evaluate)
