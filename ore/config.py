@@ -180,7 +180,12 @@ class SolverConfig:
     BASE_LR: float = 0.01
     MOMENTUM: float = 0.9
     WEIGHT_DECAY: float = 0.0001
-    # Total iterations of this run.
+    # The iteration counter at this run's first iteration. MAX_ITER, STEPS, WARMUP_ITERS and
+    # checkpoint names count on it, so a run trains MAX_ITER - START_ITER iterations; with
+    # the ORE head a fresh run > 0 sets the head's counter (CLUSTERING.*_ITER) to it too.
+    # The reference continued one counter across tasks (task 2: 18000 -> 70000).
+    START_ITER: int = 0
+    # Iteration at which this run ends (its length when START_ITER is 0).
     MAX_ITER: int = 18000
     # Iterations at which the learning rate is multiplied by GAMMA.
     STEPS: list[int] = _list(12000, 16000)
@@ -217,6 +222,9 @@ class OWODConfig:
     RPN_UNKNOWNS: str = "negative"
     # How many top proposals per image that mode applies to (0 = NUM_UNK_PER_IMAGE).
     RPN_NUM_UNK: int = 0
+    # Box-regress the auto-labelled unknowns too: toward the GT box they overlap most
+    # (UNK_SOURCE sampled, as the reference did) or toward the picked proposal (proposals).
+    REGRESS_UNKNOWNS: bool = False
 
 
 @dataclass
@@ -237,6 +245,22 @@ class ClusteringConfig:
     MOMENTUM: float = 0.99
     # Weight of the clustering loss.
     LOSS_WEIGHT: float = 0.1
+    # sum: Σ of the hinge terms over the prototypes that exist, mean over features |
+    # mean: the mean over features × every store row, rows without a prototype counting 0
+    # (the reference's average, ~1/rows of the sum).
+    LOSS_REDUCTION: str = "sum"
+    # The store keeps a row for background RoIs (their features queue like a class's) and
+    # every foreground feature is pushed away from its prototype too (the reference).
+    BACKGROUND_ROW: bool = False
+    # mean: a class's prototype starts at its queue mean the first time it has features and
+    # is kept from task to task; classes without features have none and stay out of the loss |
+    # zero (the reference): at START_ITER every prototype is reset, to the queue mean where
+    # the queue holds features (this iteration's included) and to zero elsewhere; every row
+    # is in the loss, and a zero prototype moves (1 - MOMENTUM) of the way at each update.
+    PROTOTYPE_INIT: str = "mean"
+    # When prototypes move: after_start (START_ITER + k·UPDATE_MU_ITER) | multiples
+    # (iterations divisible by UPDATE_MU_ITER, the reference).
+    UPDATE_PHASE: str = "after_start"
 
 
 @dataclass
@@ -258,6 +282,9 @@ class EBUIConfig:
     FIT_FILE: str = ""
     # T of E = -T*logsumexp(seen logits / T); the fit file must have been made with this T.
     TEMPERATURE: float = 1.5
+    # T of the energies scored at inference; ≤ 0: TEMPERATURE (the fit's). The reference
+    # fitted at 1.5 and scored at 1 (SPEC §3.3).
+    SCORE_TEMPERATURE: float = -1.0
     # What counts as an unknown sample when fitting: labelled (unknown-class objects of the
     # held-out split, as the reference) | pseudo (RPN auto-labelled unknowns only).
     MODE: str = "labelled"
@@ -266,6 +293,10 @@ class EBUIConfig:
     # Prior of the relabelling decision: equal (compare the two densities, the reference) |
     # counts (weigh each density by its share of the fit's samples: the Bayes decision).
     PRIOR: str = "equal"
+    # Drop an `unknown` detection whose densities say known (p_unk ≤ p_known; the reference).
+    DROP_UNKNOWNS: bool = False
+    # Run class-wise NMS again after relabelling (the reference did not).
+    SECOND_NMS: bool = True
     # `ore run-tasks` fits the energy after each task (ORE head) and adds an "ebui" evaluation.
     RUN_TASKS: bool = True
     # The "ebui" evaluation is the task's reported figure (the paper's ORE); false: it is
@@ -365,6 +396,7 @@ VALID_RANGES: dict[str, Range] = {
     "SOLVER.BASE_LR": _POSITIVE,
     "SOLVER.MOMENTUM": _FRACTION,
     "SOLVER.WEIGHT_DECAY": _AT_LEAST_0,
+    "SOLVER.START_ITER": _AT_LEAST_0,
     "SOLVER.MAX_ITER": _COUNT,
     "SOLVER.STEPS": Range(1, ordered=True),
     "SOLVER.GAMMA": _POSITIVE,
@@ -387,12 +419,14 @@ VALID_RANGES: dict[str, Range] = {
     "CLUSTERING.LOSS_WEIGHT": _AT_LEAST_0,
     "EXEMPLARS.PER_CLASS": _COUNT,
     "EBUI.TEMPERATURE": _POSITIVE,
+    "EBUI.SCORE_TEMPERATURE": Range(-1),  # ≤ 0: EBUI.TEMPERATURE
     "SEED": _AT_LEAST_0,
 }
 # Pairs (low, high) of keys whose values must not cross.
 ORDERED_KEYS = (
     ("MODEL.RPN.BG_IOU_THRESH", "MODEL.RPN.FG_IOU_THRESH"),
     ("MODEL.ROI_HEADS.BG_IOU_THRESH", "MODEL.ROI_HEADS.FG_IOU_THRESH"),
+    ("SOLVER.START_ITER", "SOLVER.MAX_ITER"),
 )
 
 

@@ -66,7 +66,7 @@ class Predictor:
             )
             if relabeller is not None and "logits" in o:
                 e = energy(o["logits"].float().cpu(), relabeller.seen_labels,
-                           relabeller.fit.temperature)  # [D]
+                           relabeller.temperature)  # [D], at the T the rule scored
                 det.energies = e.numpy()
                 det.known_logpdf = np.asarray(relabeller.fit.known.logpdf(-e), np.float32)
                 det.unknown_logpdf = np.asarray(relabeller.fit.unknown.logpdf(-e), np.float32)

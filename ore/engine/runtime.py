@@ -109,17 +109,18 @@ OPTIMIZERS = ("SGD", "AdamW")
 def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
     """``SOLVER.OPTIMIZER`` over ``params`` at the schedule's first learning rate."""
     s = cfg.SOLVER
+    lr = lr_at(cfg, s.START_ITER)
     if s.OPTIMIZER == "SGD":
-        return torch.optim.SGD(params, lr=lr_at(cfg, 0), momentum=s.MOMENTUM,
-                               weight_decay=s.WEIGHT_DECAY)
+        return torch.optim.SGD(params, lr=lr, momentum=s.MOMENTUM, weight_decay=s.WEIGHT_DECAY)
     if s.OPTIMIZER == "AdamW":
-        return torch.optim.AdamW(params, lr=lr_at(cfg, 0), weight_decay=s.WEIGHT_DECAY)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=s.WEIGHT_DECAY)
     raise OreError(f"SOLVER.OPTIMIZER: {s.OPTIMIZER!r}; expected one of {OPTIMIZERS}")
 
 
 def lr_at(cfg: DictConfig, iteration: int) -> float:
-    """The detector's schedule (``cfg.SOLVER``): linear warmup from
-    BASE_LR·WARMUP_FACTOR over WARMUP_ITERS, then ×GAMMA at each of STEPS."""
+    """The detector's schedule (``cfg.SOLVER``) at ``iteration`` of the run's counter
+    (which starts at START_ITER): linear warmup from BASE_LR·WARMUP_FACTOR up to
+    iteration WARMUP_ITERS, then ×GAMMA at each of STEPS."""
     s = cfg.SOLVER
     factor = s.GAMMA ** sum(iteration >= step for step in s.STEPS)
     if iteration < s.WARMUP_ITERS:

@@ -1,7 +1,9 @@
 """The training loop: SGD with warmup and step decay, checkpoints, resume, metrics.
 
 The learning rate is a pure function of the iteration (no scheduler state), so a
-resumed run continues exactly where it stopped; a new task starts its own schedule.
+resumed run continues exactly where it stopped; a new task starts its own schedule, at
+iteration ``SOLVER.START_ITER`` (0, or where the previous task's counter stopped when a
+schedule continues one counter across tasks, as the reference did).
 
 Several processes (``torchrun --nproc_per_node N -m ore train …``): ``SOLVER.IMS_PER_BATCH``
 is the global batch, each process reads ``IMS_PER_BATCH / N`` images of it, gradients
@@ -158,7 +160,8 @@ class Trainer:
                 if self.overwrite:
                     for p in self.run_files():
                         p.unlink()
-            start, rng_state = 0, None
+            first = int(cfg.SOLVER.START_ITER)
+            start, rng_state = first, None
             last, state = self._resume_point()
             if last is not None:
                 load_detector_state(model, state, self.split, str(last))  # checks its structure
@@ -168,6 +171,9 @@ class Trainer:
                 start = int(state["iteration"])
                 rng_state = self._rng_for_this_process(state, start)
                 log.info("resumed from %s at iteration %d", last, start)
+            elif first > 0 and hasattr(model.roi_heads, "set_iteration"):
+                # One counter across tasks: the prototype schedule counts on it too.
+                model.roi_heads.set_iteration(first)
             if info.is_main:
                 self.checkpointer.remove_stale_temporaries()
                 atomic_write_text(self.out / CONFIG, config_to_yaml(cfg))
@@ -186,7 +192,7 @@ class Trainer:
 
     def _resume_point(self) -> tuple[Path | None, dict | None]:
         """The checkpoint to resume from and its contents (read once: weights, optimiser,
-        RNG, iteration), or (None, None) to start at iteration 0. Rank 0 chooses the newest
+        RNG, iteration), or (None, None) to start at SOLVER.START_ITER. Rank 0 chooses the newest
         readable one; every process resumes from that same file."""
         found = self.checkpointer.newest_readable() if self.resume and self.dist.is_main \
             else None
@@ -211,19 +217,19 @@ class Trainer:
     def _loop(self, model, optimizer, scaler, dataset, batch_size: int, dtype, start: int,
               rng_state=None) -> None:
         cfg, info, device = self.cfg, self.dist, self.device
-        max_iter = cfg.SOLVER.MAX_ITER
+        max_iter, first = cfg.SOLVER.MAX_ITER, cfg.SOLVER.START_ITER
         if start >= max_iter:
             return
         loader = make_train_loader(
             dataset, batch_size, num_workers=cfg.DATALOADER.NUM_WORKERS,
-            seed=cfg.SEED, group=cfg.DATALOADER.ASPECT_RATIO_GROUPING, start_iter=start,
-            rank=info.rank, world_size=info.world_size,
+            seed=cfg.SEED, group=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+            start_iter=start - first, rank=info.rank, world_size=info.world_size,
         )
         counters: dict = {}
         mismatched: set[str] = set()  # images whose size differs from their annotation's
         window: dict[str, list[float]] = {}
-        bar = tqdm(total=max_iter, initial=start, desc="train", unit="it", dynamic_ncols=True,
-                   disable=not info.is_main)
+        bar = tqdm(total=max_iter - first, initial=start - first, desc="train", unit="it",
+                   dynamic_ncols=True, disable=not info.is_main)
         t_last = time.perf_counter()
         images_seen, data_time, window_start = 0, 0.0, start + 1
         it = iter(loader)  # draws from the global generator: restore the state after it

@@ -47,11 +47,17 @@ class ORERoIHeads(RoIHeads):
     logits and features at inference.
 
     Training: the top-``num_unk_per_image`` proposals by RPN objectness that overlap no
-    GT box (IoU < ``unk_iou_thresh``) are labelled ``unknown``; they are classified but
-    never box-regressed. With ``unk_source="proposals"`` they are picked among all
-    post-NMS proposals and join the targets (RoIs overlapping them become unknown
-    samples); with ``"sampled"`` (the reference) among the sampled background RoIs.
-    Features of foreground RoIs feed the prototype store and the clustering loss.
+    GT box (IoU < ``unk_iou_thresh``) are labelled ``unknown``; they are classified, and
+    box-regressed only with ``regress_unknowns``. With ``unk_source="proposals"`` they are
+    picked among all post-NMS proposals and join the targets (RoIs overlapping them become
+    unknown samples; regressed, they regress toward the picked box); with ``"sampled"``
+    (the reference) among the sampled background RoIs (IoU < ``bg_iou_thresh`` to every GT
+    box; regressed, toward the GT box they overlap most, as the reference did). The
+    reference masked foreground RoIs with objectness logit −1 rather than −∞, so where every
+    sampled background RoI scored lower a foreground RoI could become unknown; here one
+    never does. Features of foreground RoIs feed the prototype store and the clustering
+    loss; with ``background_row`` those of background RoIs fill the store's last row, and
+    every foreground feature is pushed from its prototype too.
 
     Inference: every detection carries its classifier ``logits`` [C] (masked classes at
     −inf) and its RoI ``features`` [D], and boxes are kept down to ``score_thresh`` (which
@@ -59,7 +65,7 @@ class ORERoIHeads(RoIHeads):
     to ``unknown_score_thresh`` when given (the unknown class learns from a few
     auto-labelled boxes per image, so its probabilities run lower than the known ones'). With a
     ``relabeller`` (EBUI, ``ore.modeling.energy``) known-class detections may then be
-    relabelled ``unknown`` and NMS runs again.
+    relabelled ``unknown`` (and NMS run again, or unknown ones dropped, by its rule).
     """
 
     def __init__(
@@ -69,7 +75,8 @@ class ORERoIHeads(RoIHeads):
         num_unk_per_image: int = 1, unk_source: str = "proposals", unk_iou_thresh: float = 0.5,
         store: PrototypeStore, clustering_enabled: bool = True,
         clustering_margin: float = 10.0, distance_p: float = 2.0, clustering_weight: float = 0.1,
-        unknown_score_thresh: float | None = None,
+        clustering_reduction: str = "sum", background_row: bool = False,
+        regress_unknowns: bool = False, unknown_score_thresh: float | None = None,
     ):
         super().__init__(
             box_roi_pool, box_head, box_predictor, fg_iou_thresh, bg_iou_thresh,
@@ -91,12 +98,22 @@ class ORERoIHeads(RoIHeads):
         self.clustering_margin = clustering_margin
         self.distance_p = distance_p
         self.clustering_weight = clustering_weight
+        self.clustering_reduction = clustering_reduction
+        # The store's last row holds background features (one row more than the classes).
+        self.background_row = background_row
+        self.regress_unknowns = regress_unknowns
         # Training iterations seen by this head; drives the prototype schedule.
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         # EBUI at inference (ore.modeling.energy.EnergyRelabeller), set by build_detector.
         self.relabeller = None
 
     # --- training -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def set_iteration(self, iteration: int) -> None:
+        """Set the counter that drives the prototype schedule (a run that continues one
+        counter across tasks starts it at its first iteration)."""
+        self.iteration.fill_(iteration)
 
     def sample_with_scores(self, proposals, scores, targets):
         """``select_training_samples`` that also returns each sampled RoI's objectness."""
@@ -129,34 +146,61 @@ class ORERoIHeads(RoIHeads):
                         "labels": torch.cat([t["labels"], unk])})
         return out
 
-    def relabel_sampled_unknowns(self, scores, labels):
-        """Top-k background RoIs by objectness become unknown (``sampled`` mode)."""
+    def relabel_sampled_unknowns(self, scores, labels) -> list[torch.Tensor]:
+        """Top-k background RoIs by objectness become unknown (``sampled`` mode); returns
+        each image's relabelled indices."""
+        picked = []
         for s, lab in zip(scores, labels):
             k = min(self.num_unk_per_image, int((lab == 0).sum()))
-            if k:
-                idx = s.masked_fill(lab != 0, float("-inf")).topk(k).indices
-                lab[idx] = self.unknown_label
+            idx = s.masked_fill(lab != 0, float("-inf")).topk(k).indices
+            lab[idx] = self.unknown_label
+            picked.append(idx)
+        return picked
 
-    def losses(self, class_logits, box_regression, features, labels, regression_targets):
+    def regress_sampled_unknowns(self, proposals, picked, targets, regression_targets):
+        """Regression targets of the relabelled RoIs: toward the GT box each overlaps most
+        (``sampled`` mode with ``regress_unknowns``; an image without GT boxes keeps the
+        zero target, and its unknowns are left out of the box loss by the caller)."""
+        for p, idx, t, reg in zip(proposals, picked, targets, regression_targets):
+            gt = t["boxes"].to(p.dtype)
+            if len(idx) and len(gt):
+                best = box_ops.box_iou(p[idx], gt).argmax(dim=1)  # [k]
+                reg[idx] = self.box_coder.encode_single(gt[best], p[idx])
+
+    def losses(self, class_logits, box_regression, features, labels, regression_targets,
+               unregressed=None):
+        """``unregressed``: [R] bool, RoIs left out of the box loss whatever their label."""
         labels = torch.cat(labels)  # [R]
         regression_targets = torch.cat(regression_targets)  # [R, 4]
         loss_cls = F.cross_entropy(class_logits, labels)
-        # Pseudo-unknowns have no box to regress to: only known-class positives regress.
-        pos = torch.where((labels > 0) & (labels != self.unknown_label))[0]
+        # Pseudo-unknowns have no box of their own: by default only known-class positives
+        # regress.
+        regressed = (labels > 0) if self.regress_unknowns else (
+            (labels > 0) & (labels != self.unknown_label))
+        if unregressed is not None:
+            regressed &= ~unregressed
+        pos = torch.where(regressed)[0]
         deltas = box_regression.reshape(len(labels), -1, 4)[pos, labels[pos]]
         loss_box = F.smooth_l1_loss(deltas, regression_targets[pos], beta=1 / 9,
                                     reduction="sum") / max(1, labels.numel())
         out = {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
         if self.clustering_enabled:
             fg = labels > 0
-            rows = labels[fg] - 1  # store rows: classes 0..K-1, unknown K
+            rows = labels - 1  # store rows: classes 0..K-1, unknown K, background K+1
+            if self.background_row:
+                rows = torch.where(fg, rows, torch.full_like(rows, len(self.store.valid) - 1))
+            stored = torch.ones_like(fg) if self.background_row else fg
             it = int(self.iteration)
+            if self.store.takes_batch_first:
+                self.store.enqueue(features[stored].detach(), rows[stored])
             self.store.step(it)
-            loss = clustering_loss(features[fg], rows, self.store.prototypes, self.store.valid,
-                                   margin=self.clustering_margin, p=self.distance_p)
+            loss = clustering_loss(features[fg], rows[fg], self.store.prototypes,
+                                   self.store.valid, margin=self.clustering_margin,
+                                   p=self.distance_p, reduction=self.clustering_reduction)
             active = it >= self.store.start_iter
             out["loss_clustering"] = self.clustering_weight * loss * float(active)
-            self.store.enqueue(features[fg].detach(), rows)
+            if not self.store.takes_batch_first:
+                self.store.enqueue(features[stored].detach(), rows[stored])
         self.iteration += 1
         return out
 
@@ -210,12 +254,19 @@ class ORERoIHeads(RoIHeads):
             proposals, scores, labels, reg_targets = self.sample_with_scores(
                 proposals, proposal_scores, targets
             )
+            unregressed = None
             if self.unk_source == "sampled":
-                self.relabel_sampled_unknowns(scores, labels)
+                picked = self.relabel_sampled_unknowns(scores, labels)
+                if self.regress_unknowns:
+                    self.regress_sampled_unknowns(proposals, picked, targets, reg_targets)
+                    # No GT box to regress toward: the image's unknowns stay unregressed.
+                    unregressed = torch.cat([
+                        (lab == self.unknown_label) & (len(t["boxes"]) == 0)
+                        for lab, t in zip(labels, targets)])
         roi_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(roi_features)
         if self.training:
             return [], self.losses(class_logits, box_regression, roi_features, labels,
-                                   reg_targets)
+                                   reg_targets, unregressed)
         return self.postprocess_with_features(class_logits, box_regression, roi_features,
                                               proposals, image_shapes), {}
