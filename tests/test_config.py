@@ -93,7 +93,7 @@ def test_every_shipped_config_loads_and_the_task_chain_is_complete():
     from ore.data.classes import load_task_split
     from ore.engine.tasks import discover_tasks
 
-    for folder in ("toy", "owod", "sowod"):
+    for folder in ("toy", "owod", "sowod", "owod_reference", "sowod_reference"):
         tasks = discover_tasks(CONFIG_ROOT / folder)
         assert [t for t, _, _ in tasks] == [1, 2, 3, 4]
         assert all(ft is not None for t, _, ft in tasks if t > 1)

@@ -116,8 +116,11 @@ def schedule_overrides(cfg: DictConfig, scale: float) -> list[str]:
         return []
     s, c = cfg.SOLVER, cfg.CLUSTERING
     steps = [scaled_iterations(x, scale) for x in s.STEPS]
+    start = round(s.START_ITER * scale)
     return [
-        f"SOLVER.MAX_ITER={scaled_iterations(s.MAX_ITER, scale)}", f"SOLVER.STEPS={steps}",
+        f"SOLVER.START_ITER={start}",
+        f"SOLVER.MAX_ITER={max(start + 1, scaled_iterations(s.MAX_ITER, scale))}",
+        f"SOLVER.STEPS={steps}",
         f"SOLVER.WARMUP_ITERS={round(s.WARMUP_ITERS * scale)}",
         f"SOLVER.CHECKPOINT_PERIOD={scaled_iterations(s.CHECKPOINT_PERIOD, scale)}",
         f"CLUSTERING.START_ITER={round(c.START_ITER * scale)}",
@@ -132,7 +135,9 @@ def planned_iterations(config_dir: Path, overrides: list[str] = (), scale: float
     for _, train, ft in discover_tasks(config_dir):
         for f in (train, ft):
             if f is not None:
-                total += scaled_iterations(load_config(f, overrides).SOLVER.MAX_ITER, scale)
+                s = load_config(f, overrides).SOLVER
+                start = round(s.START_ITER * scale)
+                total += max(start + 1, scaled_iterations(s.MAX_ITER, scale)) - start
     return total
 
 

@@ -181,3 +181,43 @@ def test_bad_reference_keys_are_named(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "SOLVER.START_ITER" in err and len(err.strip().splitlines()) == 1
+
+
+def test_reference_preset_runs_two_tasks_on_the_toy_world(toy_root, tmp_path):
+    """The preset's task files and method settings on the toy detector: one counter across
+    tasks, finetune at lr 1e-4, the store's zero-start rows, EBUI reported."""
+    import json
+
+    import yaml
+
+    from ore.config import CONFIG_ROOT
+
+    ref = CONFIG_ROOT / "owod_reference"
+    method = yaml.safe_load((ref / "base.yaml").read_text())
+    method.pop("_BASE_")
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "base.yaml").write_text(yaml.safe_dump(
+        {"_BASE_": str(CONFIG_ROOT / "toy" / "base.yaml"), **method}))
+    for name in ("t1_train.yaml", "t2_train.yaml", "t2_ft.yaml"):
+        (configs / name).write_text((ref / name).read_text())
+    out = tmp_path / "run"
+    # Scale 1/4500: T1 0 -> 4, T2 4 -> 16, its finetune 16 -> 16.4 (17).
+    args = ["run-tasks", "--configs", str(configs), "--output", str(out),
+            "--schedule-scale", str(1 / 4500), f"DATASETS.ROOT={toy_root}",
+            "SOLVER.IMS_PER_BATCH=2", "DATALOADER.NUM_WORKERS=0", "SOLVER.LOG_PERIOD=1",
+            "EXEMPLARS.BUILD=true", "EXEMPLARS.PER_CLASS=2", "INPUT.MIN_SIZE_TRAIN=[96,112]"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"t1", "t2"} and summary["t2"]["reported"] == "ebui"
+    t2 = load_config(out / "t2_train" / "config.yaml")
+    assert (t2.SOLVER.START_ITER, t2.SOLVER.MAX_ITER, t2.CLUSTERING.START_ITER) == (4, 16, 4)
+    assert t2.MODEL.ROI_HEADS.DETECTIONS_PER_IMAGE == 50
+    assert t2.MODEL.ROI_HEADS.NMS_THRESH_TEST == 0.5
+    assert [r["iter"] for r in read_metrics(out / "t2_train" / "metrics.jsonl")][0] == 5
+    ft_rows = read_metrics(out / "t2_ft" / "metrics.jsonl")
+    assert ft_rows[0]["iter"] == 17 and ft_rows[0]["lr"] == pytest.approx(1e-4)
+    state = torch.load(out / "t2_train" / "model_final.pth", weights_only=True)["model"]
+    assert int(state["roi_heads.iteration"]) == 16
+    assert state["roi_heads.store.valid"].all()  # zero-start: every row, background too
+    assert len(state["roi_heads.store.valid"]) == TOY.num_classes + 2
