@@ -268,6 +268,8 @@ class Trainer:
                     # Images over all processes per second of this process's wall time.
                     row["images_per_s"] = images_seen / max(now - t_last, 1e-9)
                     row["data_time"] = data_time
+                    if device.type == "cuda":  # this process's peak since the run started
+                        row["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                     row.update(counters)
                     metrics.write(row)
                     bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2g}")
