@@ -4,6 +4,9 @@ Example::
 
     ore eval-detections --root datasets/toy --split test --task t2 --classes toy \\
         --detections dets.json --output metrics.json
+
+The file gives each image's detections once; where the list names an image again, the
+figures count that line again (the published protocol) unless ``--unique-images``.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from ore.data.classes import load_task_split, parse_task
-from ore.data.records import load_role_split
+from ore.data.records import as_listed, load_role_split
 from ore.evaluation.detections import read_detections
 from ore.evaluation.evaluator import RESULT_KEYS, OpenWorldEvaluator
 from ore.evaluation.report import format_table
@@ -34,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="annotation format of the root (default voc)")
     parser.add_argument("--no-coco", action="store_true",
                         help="skip the pycocotools AP (slow on very large sets)")
+    parser.add_argument("--unique-images", action="store_true",
+                        help="count each image once even where the list repeats it "
+                             "(default: every listed line, as the published figures)")
     parser.add_argument("--output", help="write every figure as JSON to this file")
 
 
@@ -43,8 +49,10 @@ def run(args: argparse.Namespace) -> int:
     split = load_task_split(args.classes)
     task = split.check_task(parse_task(args.task))
     records = load_role_split(args.root, args.split, split, task, "test", fmt=args.format)
-    evaluator = OpenWorldEvaluator(split=split, task=task, records=records, ap=args.ap,
-                                   coco=not args.no_coco)
+    evaluator = OpenWorldEvaluator(
+        split=split, task=task, records=as_listed(records, args.root, args.split, args.format),
+        ap=args.ap, coco=not args.no_coco, unique_images=args.unique_images,
+        list_name=args.split)
     evaluator.add_detections(**read_detections(args.detections, split))
     result = evaluator.evaluate(details=True)
     print(format_table(result, title=evaluator.describe()))

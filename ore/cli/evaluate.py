@@ -19,6 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="write every figure as JSON to this file")
     p.add_argument("--ap", choices=("allpoint", "11point"), default="allpoint")
     p.add_argument("--no-coco", action="store_true", help="skip the pycocotools AP")
+    p.add_argument("--unique-images", action="store_true",
+                   help="count each image once even where the list repeats it (default: "
+                        "every listed line, as the published figures; config key "
+                        "DATASETS.TEST_UNIQUE_IMAGES)")
     add_batch_size(p)
     add_overrides(p)
 
@@ -30,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     predictor = Predictor(cfg, args.weights)
     result, title = evaluate_model(predictor, args.split or cfg.DATASETS.TEST, ap=args.ap,
-                                   coco=not args.no_coco, batch_size=args.batch_size)
+                                   coco=not args.no_coco, batch_size=args.batch_size,
+                                   unique_images=args.unique_images or None)
     print(format_table(result, title=title))
     if args.output:
         print(f"wrote {atomic_write_json(args.output, {k: result[k] for k in RESULT_KEYS})}")

@@ -78,25 +78,25 @@ def _check_id(image_id: str, list_path: Path, line_no: int) -> str:
     return image_id
 
 
-def read_image_list(list_path: Path) -> list[str]:
-    """Ids from an ImageSets list, each once, in first-seen order (duplicates warned)."""
+def read_list_lines(list_path: Path) -> list[str]:
+    """The id of every non-blank line of an ImageSets list, repeats included, in order."""
     if not list_path.is_file():
         raise OreError(f"image list not found: {list_path}")
     ids: list[str] = []
-    seen: set[str] = set()
-    dups = 0
     for line_no, line in enumerate(list_path.read_text().splitlines(), start=1):
         image_id = line.strip()
-        if not image_id:
-            continue
-        _check_id(image_id, list_path, line_no)
-        if image_id in seen:
-            dups += 1
-            continue
-        seen.add(image_id)
-        ids.append(image_id)
-    if dups:
-        log.warning("%s lists %d duplicate image ids; each image is loaded once", list_path, dups)
+        if image_id:
+            ids.append(_check_id(image_id, list_path, line_no))
+    return ids
+
+
+def read_image_list(list_path: Path) -> list[str]:
+    """Ids from an ImageSets list, each once, in first-seen order (duplicates warned)."""
+    lines = read_list_lines(list_path)
+    ids = list(dict.fromkeys(lines))
+    if len(ids) < len(lines):
+        log.warning("%s lists %d duplicate image ids; each image is loaded once", list_path,
+                    len(lines) - len(ids))
     return ids
 
 
@@ -381,6 +381,22 @@ def load_dataset_split(datasets_cfg, split_name: str, split: TaskSplit, task: in
     ``DATASETS`` section."""
     d = datasets_cfg
     return load_role_split(d.ROOT, split_name, split, task, role, d.FORMAT, d.IMAGE_DIR)
+
+
+def as_listed(records: list[ImageRecord], datasets_root: str | Path, split_name: str,
+              fmt: str = "voc") -> list[ImageRecord]:
+    """``records`` of the list ``split_name`` (each image once, as the loaders give them)
+    once per listed line, in list order: a repeated id gives the same record again. The
+    evaluation counts those lines as the published protocol does (SPEC §9); COCO JSON
+    splits name each image once and are returned as given."""
+    if fmt != "voc":
+        return list(records)
+    by_id = {r.image_id: r for r in records}
+    lines = read_list_lines(list_path(Path(datasets_root), split_name))
+    missing = next((i for i in lines if i not in by_id), None)
+    if missing is not None:
+        raise ValueError(f"listed id {missing!r} of {split_name} has no record")
+    return [by_id[i] for i in lines]
 
 
 def dataset_stats(records: list[ImageRecord]) -> dict:

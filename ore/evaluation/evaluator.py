@@ -5,6 +5,8 @@ Shapes: N detections of one image; K classes in the split; label layout of SPEC 
 
 Example::
 
+    # test_records: once per listed line (ore.data.records.as_listed); the model still
+    # runs once per image: process() takes each image id once.
     ev = OpenWorldEvaluator(split=load_task_split("owod"), task=2, records=test_records)
     ev.reset()
     for inputs, outputs in batches:          # model boxes are 0-based: shifted by +1 here
@@ -34,8 +36,13 @@ from ore.evaluation.metrics import (
 
 log = logging.getLogger(__name__)
 
+# How a list that names an image more than once is counted: every listed line, as the
+# published figures (SPEC §9), or every image once.
+PROTOCOLS = ("listed-lines", "unique-images")
+
 # The top-level keys of evaluate()'s result and of the JSON file, in print order.
 RESULT_KEYS = (
+    "protocol", "listed_lines", "unique_images",
     "known_mAP_prev", "known_mAP_current", "known_mAP_both",
     "unknown_recall", "unknown_ap", "unknown_precision",
     "wilderness_impact", "a_ose", "udr", "udp", "coco", "per_class_ap",
@@ -72,7 +79,13 @@ class OpenWorldEvaluator:
       detections; FN*_u = the other non-difficult unknown objects that are the best match
       (IoU > 0.5) of some known-class detection.
     - Detections of a class not yet introduced at ``task`` are dropped with a warning.
-    - An image id repeated in ``records`` is evaluated once (first record kept, warned).
+    - An image id repeated in ``records`` is a list that names the image again. By default
+      (protocol ``listed-lines``) every line counts, as the reference's per-line loop
+      counted the public test list (10,246 lines, 9,119 images) for every published
+      figure: the image's objects count once per line, and its detections, given once,
+      take part once per line (see :mod:`ore.evaluation.metrics`). ``unique_images``
+      (protocol ``unique-images``) counts each image once. The first record of an id is
+      used; COCO AP always counts each image once.
 
     Args:
         split: the class split (class names and tasks).
@@ -82,16 +95,21 @@ class OpenWorldEvaluator:
         ap: ``allpoint`` (reference) or ``11point``.
         coco: also compute COCO AP with pycocotools (slow for very large sets); when
             false, ``coco`` is None.
+        unique_images: count each image once however often ``records`` names it.
+        list_name: what ``records`` came from, for the notice logged when ids repeat.
     """
 
     def __init__(
         self, *, split: TaskSplit, task: int, records: Sequence[ImageRecord],
-        ap: str = "allpoint", coco: bool = True,
+        ap: str = "allpoint", coco: bool = True, unique_images: bool = False,
+        list_name: str = "the evaluated list",
     ):
         if ap not in AP_METHODS:
             raise OreError(f"AP method {ap!r}: expected one of {AP_METHODS}")
         split.check_task(task)
         self.split, self.task, self.ap, self.coco = split, task, ap, coco
+        self.protocol_name = PROTOCOLS[1] if unique_images else PROTOCOLS[0]
+        self.num_lines = len(records)
         self.protocol = Protocol(
             names=split.label_names,
             previous=tuple(split.label(c) for c in split.previous(task)),
@@ -101,6 +119,9 @@ class OpenWorldEvaluator:
         )
         self._index: dict[str, int] = {}
         self.gt = self._ground_truth(records)
+        notice = self.protocol_notice(list_name)
+        if notice:
+            log.info("%s", notice)
         self.reset()
 
     # ------------------------------------------------------------------ ground truth
@@ -109,20 +130,19 @@ class OpenWorldEvaluator:
         seen = {self.split.label_names[c]: c for c in self.protocol.seen}
         unknown = self.protocol.unknown
         images, labels, boxes, difficult = [], [], [], []
-        duplicates = 0
-        for r in records:
-            if r.image_id in self._index:
-                duplicates += 1
+        line_image = np.empty(len(records), np.int64)  # [L] image index of each line
+        for k, r in enumerate(records):
+            i = line_image[k] = self._index.setdefault(r.image_id, len(self._index))
+            if i < len(images):  # a repeated line: the image's objects are stashed once
                 continue
-            i = self._index[r.image_id] = len(self._index)
             n = len(r.names)
             images.append(np.full(n, i, np.int64))
             labels.append(np.fromiter((seen.get(name, unknown) for name in r.names), np.int64, n))
             boxes.append(np.asarray(r.boxes, np.float64).reshape(n, 4))
             difficult.append(np.asarray(r.difficult, bool).reshape(n))
-        if duplicates:
-            log.warning("%d image ids are repeated in the evaluated records; each image is "
-                        "evaluated once", duplicates)
+        repeats = np.bincount(line_image, minlength=len(self._index))
+        if self.protocol_name == "unique-images" or (repeats == 1).all():
+            repeats = None
 
         def cat(parts, shape, dtype):
             return np.concatenate(parts) if parts else np.zeros(shape, dtype)
@@ -130,13 +150,31 @@ class OpenWorldEvaluator:
         return GroundTruth(
             image=cat(images, (0,), np.int64), label=cat(labels, (0,), np.int64),
             boxes=cat(boxes, (0, 4), np.float64), difficult=cat(difficult, (0,), bool),
-            num_images=len(self._index),
+            num_images=len(self._index), repeats=repeats,
         )
 
     @property
     def image_ids(self) -> list[str]:
         """The evaluated image ids, each once, in record order."""
         return list(self._index)
+
+    def protocol_notice(self, list_name: str) -> str | None:
+        """One line saying how a list that repeats ids is counted (None: no repeats)."""
+        n, m = self.num_lines, self.gt.num_images
+        if n == m:
+            return None
+        if self.protocol_name == "listed-lines":
+            how = ("repeats are counted as in the published protocol; --unique-images for "
+                   "de-duplicated figures")
+        else:
+            how = "each image is counted once (unique-images); the published figures count " \
+                  "every line"
+        return f"{list_name}: {n} lines, {m} unique images; {how}"
+
+    def protocol_info(self) -> dict:
+        """The result's protocol entries: name, listed lines and unique images."""
+        return {"protocol": self.protocol_name, "listed_lines": self.num_lines,
+                "unique_images": self.gt.num_images}
 
     # ------------------------------------------------------------------ the contract
 
@@ -230,15 +268,33 @@ class OpenWorldEvaluator:
             dets = dets.take(np.flatnonzero(keep))
         return dets
 
+    def _warn_copied_detections(self, dets: Detections) -> None:
+        """Detections given once per listed line would be counted n × n times: warn when a
+        repeated image has exact copies among its detections."""
+        if self.gt.repeats is None or not len(dets):
+            return
+        rows = np.flatnonzero(self.gt.repeats[dets.image] > 1)
+        if not len(rows):
+            return
+        table = np.column_stack([dets.image[rows], dets.label[rows], dets.score[rows],
+                                 dets.boxes[rows]])  # [R, 7]
+        copies = len(rows) - len(np.unique(table, axis=0))
+        if copies:
+            log.warning("%d detections of images listed more than once are exact copies of "
+                        "another: give each image's detections once; the evaluation repeats "
+                        "them per listed line", copies)
+
     def evaluate(self, *, details: bool = False) -> dict:
         """Compute every figure. Returns a dict with the keys of ``RESULT_KEYS`` (and of
         ``DETAIL_KEYS`` when ``details``); see the class docstring for units."""
         dets = self.evaluable_detections()
+        self._warn_copied_detections(dets)
         result = open_world_metrics(self.gt, dets, self.protocol)
         if self.coco:
             result["coco"] = coco_ap(self.gt, dets, self.protocol.seen)
         else:
             result["coco"] = None
+        result.update(self.protocol_info())
         keys = RESULT_KEYS + (DETAIL_KEYS if details else ())
         return {k: result[k] for k in keys}
 
@@ -249,5 +305,6 @@ class OpenWorldEvaluator:
         return (
             f"split {self.split.name}, task {self.task}/{self.split.num_tasks}: "
             f"{len(self.protocol.seen)} known classes + {UNKNOWN}, "
-            f"{self.gt.num_images} images, AP50 {self.ap}"
+            f"{self.gt.num_images} images ({self.num_lines} listed lines: protocol "
+            f"{self.protocol_name}), AP50 {self.ap}"
         )

@@ -18,6 +18,13 @@ higher-ranked detection" is "not the first eligible detection of that box in ran
 which a single ``np.unique(..., return_index=True)`` answers for every class at once.
 Costs: one lexsort of D, two binary searches of D into G, O(P) for the IoUs, then O(D)
 per metric: O(D log D) overall, with no Python loop over detections.
+
+Images listed more than once (``GroundTruth.repeats``) are counted as the reference's
+per-line loop counts them (SPEC §9): an image listed n times adds its objects n times to
+the positives, and each of its detections takes part n times, as n identical rows.
+The claims on its objects are shared, as in the reference (one ``det`` flag per image
+name): at most one of the n copies of a detection is a TP, the others are FPs, and every
+copy of a known-class detection on an unknown object counts for A-OSE and WI.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ class GroundTruth:
         boxes: float64 [G, 4] VOC convention.
         difficult: bool [G]; ignored for AP/recall (never a positive, never penalised).
         num_images: number of images evaluated (including images without objects).
+        repeats: int64 [num_images] lines of the evaluated list that name each image, or
+            None (each image once). See the module docstring for how repeats count.
     """
 
     image: np.ndarray
@@ -47,6 +56,7 @@ class GroundTruth:
     boxes: np.ndarray
     difficult: np.ndarray
     num_images: int
+    repeats: np.ndarray | None = None
 
 
 @dataclass
@@ -281,6 +291,8 @@ def compute_curves(gt: GroundTruth, dets: Detections, protocol: Protocol) -> dic
     gt_boxes = gt.boxes[gt_order]
     gt_difficult = gt.difficult[gt_order]
 
+    if gt.repeats is not None:  # an image listed n times: each detection n times
+        dets = dets.take(np.repeat(np.arange(len(dets)), gt.repeats[dets.image]))
     dets = dets.take(rank_order(dets))
 
     # Own-class matching: TP / FP / ignored for every detection of every class at once.
@@ -305,7 +317,12 @@ def compute_curves(gt: GroundTruth, dets: Detections, protocol: Protocol) -> dic
     labels = (*protocol.seen, u)
     bounds = np.searchsorted(dets.label, np.asarray(labels), side="left")
     ends = np.searchsorted(dets.label, np.asarray(labels), side="right")
-    npos = np.bincount(gt.label[~gt.difficult], minlength=u + 1)
+    counted = ~gt.difficult
+    if gt.repeats is None:
+        npos = np.bincount(gt.label[counted], minlength=u + 1)
+    else:  # an image listed n times: its objects n times
+        npos = np.bincount(gt.label[counted], weights=gt.repeats[gt.image[counted]],
+                           minlength=u + 1).astype(np.int64)
     curves = {}
     for c, s, e in zip(labels, bounds, ends):
         curves[c] = ClassCurve(

@@ -54,4 +54,18 @@ def format_table(result: dict, title: str | None = None) -> str:
     key_width = max(len(k) for k, _ in summary)
     lines += [f"{k:<{key_width}}  {v}" for k, v in summary]
     lines.append("(AP, mAP, recall, precision, UDR, UDP in %; WI a fraction; A-OSE a count)")
+    lines.append(protocol_line(result))
     return "\n".join(lines)
+
+
+def protocol_line(result: dict) -> str:
+    """Which protocol produced ``result``: every listed line, or each image once."""
+    name = result.get("protocol")
+    if name is None:
+        return "(protocol: not recorded)"
+    n, m = result.get("listed_lines"), result.get("unique_images")
+    if name == "listed-lines":
+        how = "each listed line counted, as the published figures"
+    else:
+        how = "each image counted once"
+    return f"(protocol {name}: {n} listed lines, {m} unique images; {how}; COCO AP per image)"

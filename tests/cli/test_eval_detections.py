@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import cv2
 import numpy as np
@@ -42,7 +43,7 @@ def voc_root(tmp_path):
     for name, objects in OBJECTS.items():
         (root / "Annotations" / f"{name}.xml").write_text(_xml(name, objects))
         cv2.imwrite(str(root / "JPEGImages" / f"{name}.jpg"), np.zeros((160, 160, 3), np.uint8))
-    # The public test list repeats ids: each image must count once.
+    # The public test list repeats ids (img0 here): every line counts by default.
     (root / "ImageSets/Main/test.txt").write_text("img0\nimg1\nimg2\nimg0\n")
     return root
 
@@ -67,10 +68,12 @@ def _run(voc_root, tmp_path, detections, *extra):
 
 
 def test_eval_detections_end_to_end(voc_root, tmp_path, capsys):
-    code, out = _run(voc_root, tmp_path, DETECTIONS)
+    code, out = _run(voc_root, tmp_path, DETECTIONS, "--unique-images")
     assert code == 0
     result = json.loads(out.read_text())
     assert list(result) == list(RESULT_KEYS)
+    assert (result["protocol"], result["listed_lines"], result["unique_images"]) == (
+        "unique-images", 4, 3)
     assert [p.name for p in out.parent.iterdir()] == ["metrics.json"]  # no temp file left
     # circle: one positive (img1's is difficult; its detection is ignored) → AP 100.
     assert result["per_class_ap"]["circle"] == pytest.approx(100.0)
@@ -84,6 +87,24 @@ def test_eval_detections_end_to_end(voc_root, tmp_path, capsys):
     assert set(result["coco"]) == {"AP", "AP50", "AP75"}
     printed = capsys.readouterr().out
     assert "U-Recall" in printed and "A-OSE" in printed and "circle" in printed
+    assert "protocol unique-images: 4 listed lines, 3 unique images" in printed
+
+
+def test_eval_detections_counts_listed_lines_by_default(voc_root, tmp_path, capsys, caplog):
+    with caplog.at_level(logging.INFO):
+        code, out = _run(voc_root, tmp_path, DETECTIONS)
+    assert code == 0
+    assert "test: 4 lines, 3 unique images; repeats are counted" in caplog.text
+    result = json.loads(out.read_text())
+    assert (result["protocol"], result["listed_lines"], result["unique_images"]) == (
+        "listed-lines", 4, 3)
+    # img0 is listed twice: its circle counts twice (2 positives), and the second copy of
+    # its detection finds the circle claimed → TP then FP: recall 1/2, AP 50.
+    assert result["per_class_ap"]["circle"] == pytest.approx(50.0)
+    # Unknowns: spiral ×2 (img0) + ring (img1) = 3; the spiral can be claimed once.
+    assert result["unknown_recall"] == pytest.approx(100 * 2 / 3)
+    assert result["a_ose"] == 2  # the square detection on the spiral, once per line
+    assert "protocol listed-lines: 4 listed lines, 3 unique images" in capsys.readouterr().out
 
 
 def test_task_number_forms_and_11point(voc_root, tmp_path):

@@ -177,12 +177,28 @@ def test_difficult_unknowns_count_for_a_ose_but_not_for_unknown_recall():
     assert r["udr"] == 0.0 and r["udp"] is None  # the difficult one takes no part
 
 
-def test_duplicate_image_ids_evaluated_once(caplog):
+def test_repeated_image_ids_count_per_line_unless_unique_images(caplog):
     once = evaluate(AP_RECORDS, AP_DETS)
-    with caplog.at_level(logging.WARNING):
-        twice = evaluate(AP_RECORDS + [AP_RECORDS[0]], AP_DETS)
-    assert twice == once
-    assert "repeated" in caplog.text
+    assert (once["protocol"], once["listed_lines"], once["unique_images"]) == (
+        "listed-lines", 2, 2)
+    listed = AP_RECORDS + [AP_RECORDS[0]]
+    with caplog.at_level(logging.INFO):
+        twice = evaluate(listed, AP_DETS)
+    assert "3 lines, 2 unique images" in caplog.text and "--unique-images" in caplog.text
+    # i0 counts twice: 2·2 + 1 = 5 positives; its detections twice, the second copy of a
+    # TP an FP (the claims are shared): TP FP FP TP FP FP.
+    assert twice["num_positives"]["a"] == 5 and twice["num_detections"]["a"] == 6
+    assert twice["per_class_recall"]["a"] == pytest.approx(40.0)
+    assert twice["per_class_ap"]["a"] == pytest.approx(100 * (0.2 * 1 + 0.2 * 0.5))
+    ev = OpenWorldEvaluator(split=SPLIT, task=1, records=listed, coco=False,
+                            unique_images=True)
+    ids, labels, scores, boxes = zip(*AP_DETS)
+    ev.add_detections(list(ids), np.array(labels), np.array(scores), np.array(boxes, float))
+    unique = ev.evaluate(details=True)
+    assert (unique["protocol"], unique["listed_lines"], unique["unique_images"]) == (
+        "unique-images", 3, 2)
+    figures = [k for k in unique if k not in ("protocol", "listed_lines", "unique_images")]
+    assert {k: unique[k] for k in figures} == {k: once[k] for k in figures}
 
 
 def test_process_model_outputs_shift_and_tensors():
