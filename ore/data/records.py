@@ -181,9 +181,15 @@ def parse_voc_xml(
     return record if keep.all() else record.select(keep)
 
 
-def voc_xml(record: ImageRecord) -> str:
+def voc_xml(record: ImageRecord, *, file_name: str | None = None) -> str:
     """The VOC annotation of one record (what :func:`parse_voc_xml` reads back): its size
-    and one ``<object>`` per box, corners rounded to whole pixels."""
+    and one ``<object>`` per box, corners rounded to whole pixels.
+
+    Args:
+        record: the image and its objects; ``boxes`` in VOC pixel convention.
+        file_name: the ``<filename>`` written (default: the name of ``record.file_name``),
+            e.g. the image's name in the ``JPEGImages/`` folder it is written for.
+    """
     objects = []
     corners = np.rint(record.boxes).astype(np.int64).tolist()
     for (x1, y1, x2, y2), name, difficult in zip(corners, record.names, record.difficult):
@@ -193,7 +199,7 @@ def voc_xml(record: ImageRecord) -> str:
             f"    <bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin><xmax>{x2}</xmax>"
             f"<ymax>{y2}</ymax></bndbox>\n  </object>\n")
     return (f"<annotation>\n  <folder>JPEGImages</folder>\n"
-            f"  <filename>{escape(Path(record.file_name).name)}</filename>\n"
+            f"  <filename>{escape(file_name or Path(record.file_name).name)}</filename>\n"
             f"  <size><width>{record.width}</width><height>{record.height}</height>"
             f"<depth>3</depth></size>\n" + "".join(objects) + "</annotation>\n")
 
