@@ -14,6 +14,7 @@ milestones.
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from ore.errors import OreError
 from ore.fileio import atomic_write, atomic_write_text
 from ore.modeling.backbone import load_trunk_state
 from ore.modeling.detector import OpenWorldRCNN, build_detector, load_detector_state
+from ore.modeling.weight_files import read_pickle_weights
 
 LAST = "last_checkpoint"
 
@@ -76,9 +78,19 @@ def check_finite(obj: Any, path: str | Path, setting: str = "") -> None:
 
 
 def read_trunk_weights(path: str | Path) -> Any:
-    """The contents of a ``MODEL.BACKBONE.WEIGHTS`` file (checked by the trunk loader)."""
+    """The contents of a ``MODEL.BACKBONE.WEIGHTS`` file (checked by the trunk loader).
+
+    A ``.pkl`` file (MSRA / detectron2 weights) is read by
+    :func:`ore.modeling.weight_files.read_pickle_weights`, which builds numpy arrays and
+    nothing else; any other file by :func:`read_torch_file`, where ``argparse.Namespace``
+    is also allowed because DINO training checkpoints keep their arguments in one.
+    """
     setting = "MODEL.BACKBONE.WEIGHTS"
-    obj = read_torch_file(path, kind="state dict", setting=setting)
+    if Path(path).suffix.lower() == ".pkl":
+        obj = read_pickle_weights(path)
+    else:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = read_torch_file(path, kind="state dict", setting=setting)
     check_finite(obj, path, setting)
     return obj
 
