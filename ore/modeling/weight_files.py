@@ -222,19 +222,16 @@ def _strip(key: str) -> str:
     return key
 
 
-def _unwrap(obj: Any) -> tuple[Any, str, str]:
-    """The dict of weights inside a file's object, the author it names and whether it is
-    a DINO training checkpoint."""
-    author = ""
-    fmt = ""
+def _unwrap(obj: Any) -> tuple[Any, str, bool]:
+    """The dict of weights inside a file's object, the author the file names (detectron2
+    writes ``__author__``) and whether it is a DINO training checkpoint (teacher taken)."""
     if isinstance(obj, dict) and isinstance(obj.get("teacher"), dict):
-        return obj["teacher"], author, "dino"
-    if isinstance(obj, dict) and isinstance(obj.get("__author__"), str):
-        author = obj["__author__"]
+        return obj["teacher"], "", True
+    author = obj.get("__author__") if isinstance(obj, dict) else None
     for key in ("backbone", "state_dict", "model", "blobs"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
-    return obj, author, fmt
+    return obj, author if isinstance(author, str) else "", False
 
 
 def read_trunk_file(obj: Any, source: str) -> TrunkFile:
@@ -245,7 +242,7 @@ def read_trunk_file(obj: Any, source: str) -> TrunkFile:
         obj: what the file held (from ``torch.load`` or :func:`read_pickle_weights`).
         source: the file, for messages.
     """
-    obj, author, fmt = _unwrap(obj)
+    obj, author, dino = _unwrap(obj)
     if not isinstance(obj, dict) or not obj:
         raise OreError(f"{SETTING}: {source} holds no state dict (expected a dict of weight "
                        "tensors or numpy arrays)")
@@ -264,7 +261,7 @@ def read_trunk_file(obj: Any, source: str) -> TrunkFile:
     elif any(_DETECTRON2_KEY.match(k) for k in stripped):
         fmt, rename = "detectron2", _detectron2_name
     else:
-        fmt, rename = fmt or "torchvision", (lambda k: k)
+        fmt, rename = ("dino" if dino else "torchvision"), (lambda k: k)
     state: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     for key, original in stripped.items():
