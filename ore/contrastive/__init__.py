@@ -14,6 +14,7 @@ from ore.contrastive.augment import BatchAugment, simclr_transforms
 from ore.contrastive.bilinear import BilinearInfoNCELoss
 from ore.contrastive.clip import CLIPLoss
 from ore.contrastive.clustering import kmeans
+from ore.contrastive.dense import DenseInfoNCELoss, match_cells
 from ore.contrastive.distributed import all_gather, all_gather_no_grad
 from ore.contrastive.heads import PredictionHead, ProjectionHead
 from ore.contrastive.infonce import InfoNCELoss, info_nce
@@ -29,9 +30,10 @@ from ore.contrastive.supcon import SupConLoss
 from ore.contrastive.triplet import TripletLoss
 
 __all__ = [
-    "BatchAugment", "BilinearInfoNCELoss", "CLIPLoss", "FeatureQueue", "InfoNCELoss",
+    "BatchAugment", "BilinearInfoNCELoss", "CLIPLoss", "DenseInfoNCELoss", "FeatureQueue",
+    "InfoNCELoss",
     "KNNMonitor", "MaxMarginContrastiveLoss", "MoCo", "NNCLRLoss", "NPairLoss", "NTXentLoss",
     "PredictionHead", "ProjectionHead", "ProtoNCELoss", "SupConLoss", "TripletLoss",
     "all_gather", "all_gather_no_grad", "info_nce", "kmeans", "knn_accuracy", "knn_predict",
-    "momentum_update", "nearest_neighbour", "simclr_transforms",
+    "match_cells", "momentum_update", "nearest_neighbour", "simclr_transforms",
 ]

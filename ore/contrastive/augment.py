@@ -96,6 +96,10 @@ class BatchAugment(nn.Module):
         self.solarize_prob = _check_prob("solarize_prob", solarize_prob)
 
     def _crop_flip(self, x: torch.Tensor) -> torch.Tensor:
+        return self._crop_flip_boxes(x)[0]
+
+    def _crop_flip_boxes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cropped, flipped batch and each view's box (see :meth:`forward`)."""
         B = x.shape[0]
         dev = x.device
         area = torch.empty(B, device=dev).uniform_(*self.scale)
@@ -112,7 +116,9 @@ class BatchAugment(nn.Module):
         t = (torch.arange(self.size, device=dev, dtype=x.dtype) * 2 + 1) / self.size - 1
         rx = _interpolation_matrix((w * flip)[:, None] * t + cx[:, None], x.shape[-1])
         ry = _interpolation_matrix(h[:, None] * t + cy[:, None], x.shape[-2])
-        return ry[:, None] @ x @ rx[:, None].transpose(-1, -2)
+        # The view's outer edges (t = ∓1) in image fractions: left, top, right, bottom.
+        boxes = torch.stack([cx - w * flip, cy - h, cx + w * flip, cy + h], dim=1).add(1) / 2
+        return ry[:, None] @ x @ rx[:, None].transpose(-1, -2), boxes
 
     @staticmethod
     def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -163,11 +169,16 @@ class BatchAugment(nn.Module):
         return y.reshape(B, C, H, W)
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, C, H, W] float in [0, 1] (C = 1 or 3). Returns [B, C, size, size]."""
+    def forward(self, x: torch.Tensor, return_boxes: bool = False):
+        """x: [B, C, H, W] float in [0, 1] (C = 1 or 3). Returns [B, C, size, size], and with
+        ``return_boxes`` also each view's box [B, 4] in image fractions: the image
+        coordinates of the view's left, top, right and bottom edges. A flipped view has
+        left > right, so the point at fraction (u, v) of a view lies at image
+        (x_l + u·(x_r − x_l), y_t + v·(y_b − y_t)) either way: what dense losses use to
+        find the image location two views share."""
         if x.ndim != 4:
             raise ValueError(f"expected [B, C, H, W], got {tuple(x.shape)}")
-        x = self._crop_flip(x.float())
+        x, boxes = self._crop_flip_boxes(x.float())
         B = x.shape[0]
 
         def chosen(p):
@@ -185,7 +196,7 @@ class BatchAugment(nn.Module):
         if self.solarize_prob > 0:
             m = chosen(self.solarize_prob)
             x = torch.where(m & (x >= 0.5), 1 - x, x)
-        return x
+        return (x, boxes) if return_boxes else x
 
 
 def simclr_transforms(size: int, *, blur: bool = True):

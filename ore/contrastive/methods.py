@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ore.contrastive.dense import DenseInfoNCELoss
 from ore.contrastive.heads import PredictionHead, ProjectionHead
 from ore.contrastive.memory import FeatureQueue, momentum_update
 from ore.contrastive.moco import MoCo
@@ -22,6 +23,9 @@ from ore.contrastive.protonce import ProtoNCELoss
 from ore.contrastive.supcon import SupConLoss
 
 METHODS = ("simclr", "moco", "nnclr", "pcl", "supcon")
+# Methods on feature maps rather than pooled features: they need the views' crop boxes
+# and a module giving dense maps (:class:`DenseContrast`).
+DENSE_METHODS = ("dense",)
 # Methods whose losses gather features across processes (torchrun). NNCLR's support queue
 # and PCL's memory and k-means would need their own gathering.
 MULTI_PROCESS_METHODS = ("simclr", "moco", "supcon")
@@ -30,10 +34,12 @@ DECOUPLED_METHODS = ("simclr", "moco")  # the decoupled and the debiased denomin
 # Temperatures for small batches: PCL, SupCon and NNCLR follow the papers' CIFAR runs;
 # SimCLR's and MoCo's were measured on Fashion-MNIST (kNN top-1: SimCLR 82.0 at 0.1 vs 81.4
 # at 0.2 and 78.1 at 0.05; symmetric MoCo 81.9 at 0.1 vs 81.6 at 0.2).
-DEFAULT_TEMPERATURE = {"simclr": 0.1, "moco": 0.1, "nnclr": 0.1, "pcl": 0.2, "supcon": 0.1}
+DEFAULT_TEMPERATURE = {"simclr": 0.1, "moco": 0.1, "nnclr": 0.1, "pcl": 0.2, "supcon": 0.1,
+                       "dense": 0.2}  # DenseCL's and PixPro's (0.2 / 0.3)
 # MoCo v1's linear head: at 15 minutes on Fashion-MNIST symmetric MoCo scored 84.8 / 86.9
 # (cosine / L2 kNN) with it against 84.2 / 87.1 with v2's MLP head.
-DEFAULT_HEAD = {"simclr": "mlp", "moco": "linear", "nnclr": "mlp", "pcl": "mlp", "supcon": "mlp"}
+DEFAULT_HEAD = {"simclr": "mlp", "moco": "linear", "nnclr": "mlp", "pcl": "mlp", "supcon": "mlp",
+                "dense": "mlp"}
 
 
 class PooledTrunk(nn.Module):
@@ -246,3 +252,71 @@ def build_method(name: str, trunk: nn.Module, channels: int, **kwargs) -> Method
     if kwargs.get("head") is None:
         kwargs["head"] = DEFAULT_HEAD[name]
     return _CLASSES[name](trunk, channels, **kwargs)
+
+
+class DenseContrast(nn.Module):
+    """Dense contrast over the maps of a detection backbone, plus SimCLR's global term.
+
+    ``features`` maps images [n, 3, S, S] to ``(last, maps)``: the trunk's last feature map
+    [n, C, h, w] and a list of dense maps [n, D_l, h_l, w_l] (a feature pyramid's levels,
+    or the trunk's last map itself). Each dense map is average-pooled to at most
+    ``grid``×``grid`` cells, projected by a two-layer 1×1-conv head (DenseCL's; one head
+    shared by levels of equal width, as a detector's heads are shared over pyramid
+    levels) and scored with :class:`~ore.contrastive.dense.DenseInfoNCELoss`, the cells
+    matched by the two crops' boxes:
+
+        L = (1 − λ)·NT-Xent(g(pool(last₁)), g(pool(last₂))) + λ·(1/L) Σ_l L_dense(level l)
+
+    with λ = ``dense_weight`` (DenseCL: 0.5; 1 leaves the global term and its head out).
+
+    ``forward(x1, x2, boxes1, boxes2)`` → scalar loss; ``boxes`` as
+    :class:`~ore.contrastive.augment.BatchAugment` returns them.
+    """
+
+    def __init__(self, features: nn.Module, channels: int, dense_channels: list[int], *,
+                 temperature: float, hidden_dim: int, out_dim: int, dense_weight: float = 0.5,
+                 grid: int = 7, head: str = "mlp", gather_distributed: bool = False, **_):
+        super().__init__()
+        if not 0 < dense_weight <= 1:
+            raise ValueError(f"dense_weight must be in (0, 1], got {dense_weight}")
+        if grid < 1:
+            raise ValueError(f"grid must be ≥ 1, got {grid}")
+        if gather_distributed:
+            raise ValueError("DenseContrast runs in one process only")
+        if head != "mlp":
+            raise ValueError(f"DenseContrast has 1×1-conv MLP heads only, not {head!r}")
+        self.features = features
+        self.dense_weight, self.grid = float(dense_weight), int(grid)
+        self.projector = (ProjectionHead(channels, hidden_dim, out_dim)
+                          if dense_weight < 1 else None)
+        self.global_loss = NTXentLoss(temperature)
+        self.dense_loss = DenseInfoNCELoss(temperature)
+
+        def conv_head(d):
+            return nn.Sequential(nn.Conv2d(d, hidden_dim, 1), nn.ReLU(inplace=True),
+                                 nn.Conv2d(hidden_dim, out_dim, 1))
+
+        shared = len(set(dense_channels)) == 1
+        heads = [conv_head(dense_channels[0])] if shared else [conv_head(d) for d in
+                                                               dense_channels]
+        self.dense_heads = nn.ModuleList(heads)
+        self.num_levels = len(dense_channels)
+
+    def forward(self, x1, x2, boxes1, boxes2):
+        n = x1.shape[0]
+        last, maps = self.features(torch.cat([x1, x2]))  # one pass: shared BN statistics
+        if len(maps) != self.num_levels:
+            raise ValueError(f"features gave {len(maps)} dense maps, expected "
+                             f"{self.num_levels}")
+        dense = []
+        for level, m in enumerate(maps):
+            h, w = m.shape[-2:]
+            if h > self.grid or w > self.grid:
+                m = F.adaptive_avg_pool2d(m, (min(h, self.grid), min(w, self.grid)))
+            z = self.dense_heads[level % len(self.dense_heads)](m)  # [2n, out_dim, g, g]
+            dense.append(self.dense_loss(z[:n], z[n:], boxes1, boxes2))
+        loss = torch.stack(dense).mean() * self.dense_weight
+        if self.projector is not None:
+            g = self.projector(last.mean(dim=(2, 3)))  # [2n, out_dim]
+            loss = loss + (1 - self.dense_weight) * self.global_loss(g[:n], g[n:])
+        return loss
