@@ -14,7 +14,6 @@ milestones.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 from typing import Any
@@ -77,19 +76,24 @@ def check_finite(obj: Any, path: str | Path, setting: str = "") -> None:
                        f"(e.g. {bad[0]}); these weights cannot be used")
 
 
+class _StoredArguments:
+    """What a pickled ``argparse.Namespace`` becomes when read: its attributes, no code."""
+
+
 def read_trunk_weights(path: str | Path) -> Any:
     """The contents of a ``MODEL.BACKBONE.WEIGHTS`` file (checked by the trunk loader).
 
     A ``.pkl`` file (MSRA / detectron2 weights) is read by
     :func:`ore.modeling.weight_files.read_pickle_weights`, which builds numpy arrays and
-    nothing else; any other file by :func:`read_torch_file`, where ``argparse.Namespace``
-    is also allowed because DINO training checkpoints keep their arguments in one.
+    nothing else; any other file by :func:`read_torch_file`, where an ``argparse.Namespace``
+    (DINO training checkpoints keep their arguments in one) is read as a plain
+    :class:`_StoredArguments` holding its attributes.
     """
     setting = "MODEL.BACKBONE.WEIGHTS"
     if Path(path).suffix.lower() == ".pkl":
         obj = read_pickle_weights(path)
     else:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([(_StoredArguments, "argparse.Namespace")]):
             obj = read_torch_file(path, kind="state dict", setting=setting)
     check_finite(obj, path, setting)
     return obj

@@ -27,7 +27,7 @@ that makes the layer exactly ``s·x + b``.
 
 ``.pkl`` files are read by :func:`read_pickle_weights`, an unpickler that can build numpy
 arrays, numpy scalars and plain containers and nothing else, so a crafted file cannot run
-code; every other file goes through ``torch.load(weights_only=True)``.
+code; every other file goes through ``torch.load`` with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,11 @@ from typing import Any
 
 import numpy as np
 import torch
+
+try:
+    from numpy._core import multiarray, numeric  # numpy >= 2
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core import multiarray, numeric
 
 from ore.errors import OreError
 
@@ -103,10 +108,6 @@ def _plain_dtype(*args: Any) -> np.dtype:
 
 
 def _numpy_globals() -> dict[tuple[str, str], Any]:
-    try:
-        from numpy._core import multiarray, numeric  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core import multiarray, numeric
     table = {}
     for module in ("numpy.core", "numpy._core"):
         table[(f"{module}.multiarray", "_reconstruct")] = multiarray._reconstruct
