@@ -148,6 +148,7 @@ def build_detector(cfg: DictConfig, split: TaskSplit, *, backbone_weights: Any =
         weights_source=m.BACKBONE.WEIGHTS,
         trainable_layers=m.BACKBONE.TRAINABLE_LAYERS, returned_stages=stages,
         out_channels=m.BACKBONE.FPN_CHANNELS,
+        pixel_mean=tuple(cfg.INPUT.PIXEL_MEAN), pixel_std=tuple(cfg.INPUT.PIXEL_STD),
     )
     levels = len(stages) + 1  # plus the max-pooled top level
     if len(m.ANCHOR.SIZES) != levels:
