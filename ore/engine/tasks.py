@@ -85,8 +85,16 @@ def discover_tasks(config_dir: Path) -> list[tuple[int, Path, Path | None]]:
 
 
 def _evaluate(cfg: DictConfig, weights: Path, out_file: Path) -> dict:
+    """The stage's evaluation, reused when ``out_file`` holds one made under the protocol
+    asked for (every listed line, or each image once), made again otherwise."""
+    protocol = "unique-images" if cfg.DATASETS.TEST_UNIQUE_IMAGES else "listed-lines"
     if out_file.is_file():
-        return read_json(out_file)
+        saved = read_json(out_file)
+        if isinstance(saved, dict) and saved.get("protocol") == protocol:
+            return saved
+        log.info("%s: made under protocol %s, evaluating again under %s", out_file,
+                 saved.get("protocol", "unnamed") if isinstance(saved, dict) else "unnamed",
+                 protocol)
     result, _ = evaluate_model(Predictor(cfg, str(weights)), cfg.DATASETS.TEST, details=False)
     result = {k: result[k] for k in RESULT_KEYS}
     atomic_write_json(out_file, result)
@@ -142,7 +150,9 @@ def planned_iterations(config_dir: Path, overrides: list[str] = (), scale: float
 
 
 # Keys that say how a stage runs, not what it computes: they may change between reruns.
-RUN_ONLY_KEYS = ("DATALOADER.NUM_WORKERS", "DEVICE", "OUTPUT_DIR")
+RUN_ONLY_KEYS = ("DATALOADER.NUM_WORKERS", "DEVICE", "OUTPUT_DIR",
+                 # how the test list is counted, not what is trained
+                 "DATASETS.TEST_UNIQUE_IMAGES")
 
 
 @dataclass
