@@ -4,6 +4,12 @@ Example (Fashion-MNIST, 15 CPU minutes, the tiny trunk)::
 
     ore pretrain --method simclr --dataset fashion-mnist --arch tiny --batch-size 64 \\
         --minutes 15 --output runs/simclr/trunk.pth
+
+Dense pretraining of the toy detector's backbone on its own task-1 training images::
+
+    ore pretrain --method dense --list runs/toy-data:t1_train --arch tiny_fpn \\
+        --returned-stages 2,3,4 --fpn-channels 48 --image-size 128 --batch-size 32 \\
+        --minutes 4 --export backbone --output runs/dense/backbone.pth
 """
 
 from __future__ import annotations
@@ -11,21 +17,35 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from ore.contrastive.methods import METHODS
-from ore.engine.pretrain import DEFAULT_SIZE, PretrainOptions, pretrain
-from ore.modeling.backbone import ARCHS
+from ore.engine.pretrain import (
+    ALL_METHODS,
+    ARCH_CHOICES,
+    DEFAULT_SIZE,
+    DENSE_FEATURES,
+    EXPORTS,
+    PretrainOptions,
+    pretrain,
+)
 
 DEFAULTS = PretrainOptions()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", choices=METHODS, required=True)
+    parser.add_argument("--method", choices=ALL_METHODS, required=True,
+                        help="an image-level method, or dense: cell-level contrast between "
+                             "the views' overlapping regions on the detector's backbone")
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", metavar="DIR", help="folder of unlabelled images (recursive)")
+    src.add_argument("--list", metavar="ROOT:LIST",
+                     help="the images of a detection dataset's list: the ids in "
+                          "ROOT/ImageSets/Main/LIST.txt, read from ROOT/JPEGImages "
+                          "(e.g. runs/toy-data:t1_train); labels are not read")
     src.add_argument("--dataset", choices=("fashion-mnist",), help="a built-in labelled dataset")
     parser.add_argument("--data-dir", metavar="DIR", help="where the dataset's idx files are "
                         "(default: the dataset-fashion-mnist package's folder)")
-    parser.add_argument("--arch", choices=ARCHS, default=DEFAULTS.arch)
+    parser.add_argument("--arch", choices=ARCH_CHOICES, default=DEFAULTS.arch,
+                        help="the trunk; a detection backbone name (MODEL.BACKBONE.NAME) "
+                             "stands for its trunk")
     parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs)
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     parser.add_argument("--output", required=True, metavar="FILE", help="trunk state dict (.pth)")
@@ -105,6 +125,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="side length of the --small-crops views")
     parser.add_argument("--small-crop-scale", default=DEFAULTS.small_crop_scale, metavar="LO,HI",
                         help="area fraction range of the --small-crops views")
+    parser.add_argument("--dense-features", choices=DENSE_FEATURES,
+                        default=DEFAULTS.dense_features,
+                        help="dense: the loss on every pyramid level (fpn; the pyramid is "
+                             "trained too) or on the trunk's last map (trunk)")
+    parser.add_argument("--dense-weight", type=float, default=DEFAULTS.dense_weight,
+                        help="dense: weight λ of the dense loss; 1 − λ goes to SimCLR's "
+                             "global loss on the pooled trunk (DenseCL's 0.5; 1: dense only)")
+    parser.add_argument("--dense-grid", type=int, default=DEFAULTS.dense_grid,
+                        help="dense: maps are average-pooled to at most G×G cells before "
+                             "the loss (its logits are [cells, cells] of the whole batch)")
+    parser.add_argument("--returned-stages", default=DEFAULTS.returned_stages,
+                        metavar="S,S,…",
+                        help="dense: the trunk stages the pyramid takes, ending with 4; "
+                             "the detector's MODEL.BACKBONE.RETURNED_STAGES (toy: 2,3,4)")
+    parser.add_argument("--fpn-channels", type=int, default=DEFAULTS.fpn_channels,
+                        help="dense: pyramid width, the detector's MODEL.BACKBONE.FPN_CHANNELS "
+                             "(toy: 48)")
+    parser.add_argument("--export", choices=EXPORTS, default=DEFAULTS.export,
+                        help="what --output holds: the trunk's state dict, or (dense with "
+                             "fpn features) the trunk and the pyramid under the detector's "
+                             "names backbone.body.* and backbone.fpn.*")
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -1,11 +1,20 @@
 """Backbone pretraining: self-supervised (or supervised-contrastive) training of a trunk.
 
 Trains the trunk of ``arch`` with one method of :mod:`ore.contrastive.methods` on a
-folder of images or on Fashion-MNIST and writes ``trunk.state_dict()`` to ``output``,
+folder of images, the images of a detection dataset's list (``ROOT:LIST``, read from
+``ROOT/ImageSets/Main/LIST.txt``) or Fashion-MNIST and writes ``trunk.state_dict()`` to
+``output``,
 which ``MODEL.BACKBONE.WEIGHTS`` loads into the detector (projection heads are not
 saved). One JSON line per epoch goes to ``metrics.jsonl`` next to the output; with labels
 (Fashion-MNIST) each line carries the kNN top-1 accuracy of the pooled trunk features on
 the test split. ``curves.png`` beside it plots the loss (and kNN accuracy) per epoch.
+
+``method="dense"`` trains the detector's own backbone (the trunk with the feature pyramid
+of ``returned_stages`` and ``fpn_channels``, built as the detector builds it) with
+:class:`~ore.contrastive.methods.DenseContrast`: cells of the two views that cover the
+same image location are positives, found from the crops' boxes. ``export="backbone"``
+then writes the pyramid too (``backbone.body.*`` and ``backbone.fpn.*``,
+:mod:`ore.modeling.backbone_weights`); ``export="trunk"`` (the default) the trunk alone.
 
 Several processes (``torchrun … -m ore pretrain``, methods in
 :data:`~ore.contrastive.methods.MULTI_PROCESS_METHODS`): ``batch_size`` is the global
@@ -20,8 +29,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from ore.contrastive import distributed as collective
@@ -31,12 +43,16 @@ from ore.contrastive.methods import (
     DECOUPLED_METHODS,
     DEFAULT_HEAD,
     DEFAULT_TEMPERATURE,
+    DENSE_METHODS,
+    METHODS,
     MULTI_CROP_METHODS,
     MULTI_PROCESS_METHODS,
+    DenseContrast,
     build_method,
 )
 from ore.data.fashion_mnist import FASHION_MNIST_DIR, load_fashion_mnist
-from ore.data.images import ImageSet, load_image_folder
+from ore.data.images import ImageSet, UnreadableImage, decode_image, load_image_folder
+from ore.data.records import find_image, list_path, read_image_list
 from ore.engine import distributed as D
 from ore.engine.checkpoint import save_torch_file
 from ore.engine.metrics_log import FILE as METRICS_FILE
@@ -44,12 +60,19 @@ from ore.engine.metrics_log import MetricsLog
 from ore.engine.runtime import cosine_lr, resolve_device, seed_everything
 from ore.errors import OreError
 from ore.fileio import check_output_file
-from ore.modeling.backbone import build_trunk, trunk_out_channels
+from ore.modeling.backbone import ARCHS, build_fpn_backbone, build_trunk, trunk_out_channels
+from ore.modeling.backbone_weights import backbone_state
+from ore.modeling.detector import BACKBONES
 from ore.vis.plots import plot_curves
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SIZE = 64  # training resolution
+# --arch: a trunk, or a detection backbone name (MODEL.BACKBONE.NAME) standing for its trunk.
+ARCH_CHOICES = (*ARCHS, *BACKBONES)
+ALL_METHODS = (*METHODS, *DENSE_METHODS)
+DENSE_FEATURES = ("fpn", "trunk")
+EXPORTS = ("trunk", "backbone")
 
 
 @dataclass
@@ -63,6 +86,7 @@ class PretrainOptions:
     method: str = "simclr"
     output: str = ""
     images: str | None = None
+    list: str | None = None
     dataset: str | None = None
     data_dir: str | None = None
     arch: str = "resnet18"
@@ -97,6 +121,12 @@ class PretrainOptions:
     small_crops: int = 0
     small_size: int = 32
     small_crop_scale: str | tuple[float, float] = "0.15,0.4"
+    dense_features: str = "fpn"
+    dense_weight: float = 0.5
+    dense_grid: int = 7
+    returned_stages: str | tuple[int, ...] = "1,2,3,4"
+    fpn_channels: int = 256
+    export: str = "trunk"
     seed: int = 0
     no_progress: bool = False
 
@@ -104,6 +134,13 @@ class PretrainOptions:
 def check_options(args: PretrainOptions) -> None:
     """Check every option and resolve the defaults that depend on others (in place), so
     that the metrics record what ran. One-line :class:`OreError` for a bad value."""
+    if args.method not in ALL_METHODS:
+        raise OreError(f"--method: {args.method!r}; expected one of {ALL_METHODS}")
+    if args.arch not in ARCH_CHOICES:
+        raise OreError(f"--arch: {args.arch!r}; expected one of {ARCH_CHOICES}")
+    if sum(x is not None for x in (args.images, args.list, args.dataset)) != 1:
+        raise OreError("name exactly one of --images DIR, --list ROOT:LIST and --dataset")
+    _check_dense(args)
     if args.pcl_recluster_steps is not None and args.pcl_recluster_steps < 1:
         raise OreError(f"--pcl-recluster-steps must be ≥ 1, got {args.pcl_recluster_steps}")
     for name in ("epochs", "batch_size", "out_dim", "hidden_dim", "queue_size"):
@@ -191,6 +228,38 @@ def check_options(args: PretrainOptions) -> None:
     check_output_file(args.output)
 
 
+def _check_dense(args: PretrainOptions) -> None:
+    dense = args.method in DENSE_METHODS
+    try:
+        stages = tuple(int(v) for v in str(args.returned_stages).split(","))
+    except ValueError:
+        raise OreError(f"--returned-stages: expected comma-separated stages 1..4, got "
+                       f"{args.returned_stages!r}") from None
+    if not stages or list(stages) != sorted(set(stages)) or not set(stages) <= {1, 2, 3, 4}:
+        raise OreError(f"--returned-stages: {args.returned_stages!r}; expected increasing "
+                       "stages from 1..4, e.g. 2,3,4 (MODEL.BACKBONE.RETURNED_STAGES)")
+    if dense and stages[-1] != 4:
+        # The pyramid's body then stops before layer4, which the trunk file must hold.
+        raise OreError(f"--returned-stages {args.returned_stages}: must end with stage 4")
+    args.returned_stages = stages
+    if args.fpn_channels < 1:
+        raise OreError(f"--fpn-channels must be ≥ 1, got {args.fpn_channels}")
+    if args.dense_features not in DENSE_FEATURES:
+        raise OreError(f"--dense-features: {args.dense_features!r}; expected one of "
+                       f"{DENSE_FEATURES}")
+    if not 0 < args.dense_weight <= 1:
+        raise OreError(f"--dense-weight must be in (0, 1], got {args.dense_weight}")
+    if args.dense_grid < 1:
+        raise OreError(f"--dense-grid must be ≥ 1, got {args.dense_grid}")
+    if args.export not in EXPORTS:
+        raise OreError(f"--export: {args.export!r}; expected one of {EXPORTS}")
+    if args.export == "backbone" and not (dense and args.dense_features == "fpn"):
+        raise OreError("--export backbone writes a pretrained feature pyramid: it needs "
+                       "--method dense with --dense-features fpn")
+    if dense and args.small_crops:
+        raise OreError("--small-crops: --method dense has no multi-crop form")
+
+
 def _scale_range(flag: str, value) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in str(value).split(","))
@@ -207,7 +276,61 @@ def _load_data(args: PretrainOptions) -> tuple[ImageSet, ImageSet | None]:
     if args.dataset == "fashion-mnist":
         root = Path(args.data_dir) if args.data_dir else FASHION_MNIST_DIR
         return load_fashion_mnist("train", root), load_fashion_mnist("test", root)
+    if args.list is not None:
+        return load_image_list(args.list, args.image_size or DEFAULT_SIZE), None
     return load_image_folder(args.images, args.image_size or DEFAULT_SIZE), None
+
+
+def load_image_list(spec: str, size: int) -> ImageSet:
+    """The images of a detection dataset's list, ``ROOT:LIST``: the ids of
+    ``ROOT/ImageSets/Main/LIST.txt`` (each once), read from ``ROOT/JPEGImages``, resized to
+    size×size RGB, unlabelled."""
+    root, sep, name = str(spec).rpartition(":")
+    if not sep or not root or not name:
+        raise OreError(f"--list: expected ROOT:LIST (e.g. runs/toy-data:t1_train), got {spec!r}")
+    ids = read_image_list(list_path(Path(root), name))
+    if not ids:
+        raise OreError(f"--list: {list_path(Path(root), name)} lists no images")
+    out = np.empty((len(ids), size, size, 3), dtype=np.uint8)
+    for i, image_id in enumerate(ids):
+        path = find_image(Path(root) / "JPEGImages", image_id)
+        try:
+            img = decode_image(path)
+        except UnreadableImage as exc:
+            raise OreError(f"--list: {exc}") from None
+        interp = cv2.INTER_AREA if min(img.shape[:2]) > size else cv2.INTER_LINEAR
+        out[i] = cv2.resize(img, (size, size), interpolation=interp)
+    return ImageSet(torch.from_numpy(out).permute(0, 3, 1, 2).contiguous())
+
+
+class DenseFeatures(nn.Module):
+    """A detection backbone for dense pretraining: images → (the trunk's last map, dense
+    maps), the dense maps being the pyramid's levels (its max-pooled extra level left out)
+    or, with ``use_fpn=False``, the trunk's last map alone."""
+
+    def __init__(self, backbone: nn.Module, use_fpn: bool):
+        super().__init__()
+        self.body = backbone.body
+        self.fpn = backbone.fpn if use_fpn else None
+
+    def forward(self, x: torch.Tensor):
+        feats = self.body(x)  # the returned stages, in order
+        last = next(reversed(feats.values()))
+        if self.fpn is None:
+            return last, [last]
+        levels = self.fpn(feats)
+        return last, [v for k, v in levels.items() if k != "pool"]
+
+
+class PooledLast(nn.Module):
+    """features → the trunk's last map, average-pooled: [n, C] (for the kNN monitor)."""
+
+    def __init__(self, features: nn.Module):
+        super().__init__()
+        self.features = features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)[0].mean(dim=(2, 3))
 
 
 class Preprocess:
@@ -250,6 +373,22 @@ def _channels_last(model):
     return model
 
 
+def _dense_method(args: PretrainOptions, trunk_arch: str) -> DenseContrast:
+    """The detector's backbone (trunk + pyramid, as the detector builds it) inside
+    :class:`DenseContrast`."""
+    backbone = build_fpn_backbone(arch=trunk_arch, returned_stages=args.returned_stages,
+                                  out_channels=args.fpn_channels)
+    use_fpn = args.dense_features == "fpn"
+    levels = len(args.returned_stages)
+    channels = trunk_out_channels(trunk_arch)
+    return DenseContrast(
+        DenseFeatures(backbone, use_fpn), channels,
+        [args.fpn_channels] * levels if use_fpn else [channels],
+        temperature=args.temperature, hidden_dim=args.hidden_dim, out_dim=args.out_dim,
+        dense_weight=args.dense_weight, grid=args.dense_grid, head=args.head,
+    )
+
+
 def save_trunk(trunk, output: Path) -> None:
     """Write trunk.state_dict() atomically (a temp file in the same folder, then rename)."""
     save_torch_file({k: v.detach().cpu().contiguous() for k, v in trunk.state_dict().items()},
@@ -277,11 +416,17 @@ def pretrain(args: PretrainOptions) -> dict:
     if n < args.batch_size:
         raise OreError(f"--batch-size {args.batch_size} is larger than the {n} training images")
 
-    trunk = build_trunk(args.arch)
-    method = build_method(
+    trunk_arch = BACKBONES.get(args.arch, args.arch)
+    dense = args.method in DENSE_METHODS
+    if dense:
+        method = _dense_method(args, trunk_arch)
+        trunk, encoder = method.features.body, PooledLast(method.features)
+    else:
+        trunk = build_trunk(trunk_arch)
+    method = method if dense else build_method(
         args.method,
         trunk,
-        trunk_out_channels(args.arch),
+        trunk_out_channels(trunk_arch),
         temperature=args.temperature,
         hidden_dim=args.hidden_dim,
         out_dim=args.out_dim,
@@ -298,6 +443,8 @@ def pretrain(args: PretrainOptions) -> dict:
         batch_negatives=args.batch_negatives,
         symmetric=args.symmetric,
     )
+    if not dense:
+        encoder = method.encoder
     try:
         method = _channels_last(method.to(device=device))
     except (RuntimeError, AssertionError) as exc:
@@ -360,7 +507,7 @@ def pretrain(args: PretrainOptions) -> dict:
     def evaluate():
         method.eval()
         try:
-            return monitor(method.encoder)
+            return monitor(encoder)
         finally:
             method.train()
 
@@ -382,12 +529,16 @@ def pretrain(args: PretrainOptions) -> dict:
             idx = perm[start : start + local_batch]
             x = prep.to_unit(train.images[idx].to(device))
             # Both views in one call (independent draws per row): half the small ops.
-            x1, x2 = prep.normalize(augment(torch.cat([x, x]))).chunk(2)
+            views, boxes = augment(torch.cat([x, x]), return_boxes=True)
+            x1, x2 = prep.normalize(views).chunk(2)
             small = None
             if small_augment is not None:  # [V·n] view-major, one pass through the trunk
                 small = prep.normalize(small_augment(x.repeat(args.small_crops, 1, 1, 1)))
             labels = train.labels[idx].to(device) if train.labels is not None else None
-            loss = model(x1, x2, labels, idx.to(device), small)
+            if dense:
+                loss = model(x1, x2, *boxes.chunk(2))
+            else:
+                loss = model(x1, x2, labels, idx.to(device), small)
             if not torch.isfinite(loss):
                 raise RuntimeError(f"non-finite loss at epoch {epoch + 1} step {it}")
             optimizer.zero_grad(set_to_none=True)
@@ -429,8 +580,13 @@ def pretrain(args: PretrainOptions) -> dict:
     if not main_process:
         return record
     metrics.close()
-    save_trunk(method.trunk, output)
+    if args.export == "backbone":
+        save_torch_file(backbone_state(method.features.body, method.features.fpn), output)
+    else:
+        save_trunk(trunk, output)
     curves = output.parent / "curves.png"
     plot_curves(records, curves, f"{args.method}, {args.arch} trunk, {size} px")
-    log.info("wrote %s (trunk of %s), %s and %s", output, args.arch, metrics_path, curves)
+    log.info("wrote %s (%s of %s), %s and %s", output,
+             "trunk and pyramid" if args.export == "backbone" else "trunk", args.arch,
+             metrics_path, curves)
     return record
