@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve", "a local web page and JSON endpoint over a trained detector"),
     "evaluate": ("evaluate", "run a detector on a split: open-world metrics"),
     "run-tasks": ("run_tasks", "train, finetune and evaluate every task in turn"),
+    "discover": ("discover", "cluster a run's unknown detections: gallery and labels"),
     "add-task": ("add_task", "learn labelled clusters of unknowns as the run's next task"),
     "demo": ("demo", "the whole open-world story on the toy world, with a report"),
     "build-exemplars": ("build_exemplars", "write a balanced exemplar list for a finetune"),
