@@ -92,5 +92,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"purity against {args.names_majority}: "
               f"{100 * summary['purity']['overall_purity']:.1f}%")
     print(f"next: name the clusters in {args.output}/{NAMES_FILE}, then ore add-task --run "
-          f"RUN --labels {args.output}/{VOC_DIR} --names {args.output}/{NAMES_FILE}")
+          f"{args.run} --labels {args.output}/{VOC_DIR} --names {args.output}/{NAMES_FILE}")
     return 0

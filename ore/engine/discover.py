@@ -652,12 +652,15 @@ def _yaml_scalar(name: str) -> str:
 
 
 def names_template(sizes: list[int], names: list[str] | None = None,
-                   notes: list[str] | None = None, labels: str = "labels/voc") -> str:
+                   notes: list[str] | None = None, output: str | Path = ".") -> str:
     """The names file of ``ore add-task``: one ``cluster_XX: <name>`` line per cluster
-    (``ignore`` unless ``names`` says otherwise), its size as a comment."""
-    lines = ["# What each cluster of gallery.html is: 'cluster_03: new_class', or 'ignore'",
-             "# to keep its objects unknown. Then, with this file and the labels beside it:",
-             f"#   ore add-task --run RUN --labels {labels} --names {NAMES_FILE}"]
+    (``ignore`` unless ``names`` says otherwise), its size as a comment; the header says
+    how to go on, with the paths under ``output``."""
+    out = Path(output)
+    lines = [f"# What each cluster of {out / GALLERY_HTML} is: 'cluster_03: new_class', or",
+             f"# '{IGNORE}' to keep its objects unknown (clusters given one name become one "
+             "class). Then:",
+             f"#   ore add-task --run RUN --labels {out / VOC_DIR} --names {out / NAMES_FILE}"]
     for c, size in enumerate(sizes):
         name = names[c] if names else IGNORE
         note = f"; {notes[c]}" if notes and notes[c] else ""
@@ -674,7 +677,7 @@ def majority_names(purity: dict, taken: set[str]) -> tuple[list[str], list[str]]
         m, share = p["majority"], f"{100 * p['purity']:.0f}%"
         if m == NO_MATCH:
             names.append(IGNORE)
-            notes.append(f"majority matches no object ({share})")
+            notes.append(f"{share} of them match no object")
         elif m in taken:
             names.append(IGNORE)
             notes.append(f"majority {m} ({share}) is already a class of the run")
@@ -687,8 +690,9 @@ def majority_names(purity: dict, taken: set[str]) -> tuple[list[str], list[str]]
 def _export_image(path: Path, image_id: str) -> tuple[str, bytes | Link]:
     """The JPEGImages entry of an image: a link to it for the extensions the VOC reader
     finds, a PNG copy of any other image."""
-    if path.suffix in VOC_IMAGE_EXTENSIONS:
-        return f"{image_id}{path.suffix}", Link(str(path.resolve()))
+    suffix = path.suffix.lower()  # the readers look for lower-case extensions
+    if suffix in VOC_IMAGE_EXTENSIONS:
+        return f"{image_id}{suffix}", Link(str(path.resolve()))
     img = decode_image(path)
     ok, data = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
     if not ok:
@@ -698,10 +702,11 @@ def _export_image(path: Path, image_id: str) -> tuple[str, bytes | Link]:
 
 def build_outputs(unknowns: Unknowns, clustering: Clustering, *, gallery_per_cluster: int = 20,
                   dropped: list[dict] = (), ground_truth: list[ImageRecord] | None = None,
-                  taken_classes: set[str] = frozenset(), max_pixels: int = 0
+                  taken_classes: set[str] = frozenset(), max_pixels: int = 0,
+                  output: str | Path = "."
                   ) -> tuple[dict[str, bytes | Link], dict, dict | None]:
-    """Every output file's contents (path → bytes or link), the ``clusters.json`` summary
-    and the purity report (None without ground truth)."""
+    """Every output file's contents (path under ``output`` → bytes or link), the
+    ``clusters.json`` summary and the purity report (None without ground truth)."""
     k = clustering.k
     members = [clustering.members(c) for c in range(k)]
     files: dict[str, bytes | Link] = {}
@@ -755,7 +760,8 @@ def build_outputs(unknowns: Unknowns, clustering: Clustering, *, gallery_per_clu
     files.update(_label_exports(unknowns, clustering))
     names, notes = (majority_names(purity, set(taken_classes)) if purity is not None
                     else (None, None))
-    files[NAMES_FILE] = names_template([c["size"] for c in clusters], names, notes).encode()
+    files[NAMES_FILE] = names_template([c["size"] for c in clusters], names, notes,
+                                       output).encode()
     if purity is not None:
         files[PURITY_FILE] = (json.dumps(purity, indent=2, allow_nan=False) + "\n").encode()
     return files, summary, purity
@@ -829,7 +835,7 @@ def discover(predictor: Predictor, paths: list[Path], output: str | Path, *,
     files, summary, purity = build_outputs(
         kept, clustering, gallery_per_cluster=gallery_per_cluster, dropped=dropped,
         ground_truth=gt, taken_classes=set(predictor.split.classes),
-        max_pixels=predictor.cfg.INPUT.MAX_PIXELS)
+        max_pixels=predictor.cfg.INPUT.MAX_PIXELS, output=output)
     with folder_lock(output):  # a second discover into the folder waits its turn
         write_outputs(output, files, check_discover_output(output))
     return {**summary, **({"purity": purity} if purity is not None else {})}

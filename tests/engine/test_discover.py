@@ -245,6 +245,35 @@ def test_majority_names_become_the_names_file_add_task_reads(tmp_path, toy_root)
     assert json.loads((tmp_path / "out" / "purity.json").read_text()) == purity
 
 
+def test_exports_take_any_image_name_and_format(tmp_path, toy_root):
+    """Image ids become plain unique stems; a format the VOC reader does not find is
+    copied as PNG, the others linked (lower-case extension)."""
+    src = cv2.imread(str(next((toy_root / "JPEGImages").glob("*.jpg"))))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    files = [tmp_path / "a" / "my photo.JPG", tmp_path / "b" / "my photo.webp",
+             tmp_path / "b" / "x.tif"]
+    for f in files:
+        assert cv2.imwrite(str(f), src)
+    x, _ = blobs(sizes=(3, 3))
+    h, w = src.shape[:2]
+    unk = Unknowns(files, np.array([[h, w]] * 3), np.array([0, 1, 2, 0, 1, 2]),
+                   np.tile([[5.0, 6.0, 30.0, 40.0]], (6, 1)).astype(np.float32),
+                   np.full(6, 0.3, np.float32), x)
+    out_files, _, _ = build_outputs(unk, cluster_unknowns(x, k=2), gallery_per_cluster=1)
+    write_outputs(tmp_path / "out", out_files, {})
+    jpeg = tmp_path / "out" / "labels" / "voc" / "JPEGImages"
+    assert sorted(p.name for p in jpeg.iterdir()) == ["my_photo.jpg", "my_photo_1.png", "x.png"]
+    assert (jpeg / "my_photo.jpg").resolve() == files[0].resolve()
+    assert not (jpeg / "x.png").is_symlink() and cv2.imread(str(jpeg / "x.png")).shape == \
+        src.shape
+    voc = load_voc_split(tmp_path / "out" / "labels" / "voc", "discovered")
+    coco = read_labels(tmp_path / "out" / "labels" / "coco.json")
+    assert [r.image_id for r in voc] == [r.image_id for r in coco] == [
+        "my_photo", "my_photo_1", "x"]
+    assert all(len(r.names) == 2 for r in voc)
+
+
 # --- end to end on a tiny trained run -------------------------------------------------------
 
 
@@ -343,9 +372,12 @@ def test_end_to_end_outputs_load_in_pycocotools_the_voc_reader_and_add_task(
     assert discover(tiny_run, images, again, "--max-per-cluster-gallery", "3",
                     "--names-majority", toy_root) == 0
     assert (again / CLUSTERS_FILE).read_text() == (out / CLUSTERS_FILE).read_text()
-    assert discover(tiny_run, images, out, "--k", "2") == 0
+    assert discover(tiny_run, images, out, "--k", "2", "--max-per-cluster-gallery", "1") == 0
     assert json.loads((out / CLUSTERS_FILE).read_text())["criterion"] == "given"
-    assert not (out / "purity.json").exists() and not (out / "crops" / "cluster_02").exists()
+    assert not (out / "purity.json").exists()
+    assert sorted(p.relative_to(out).as_posix() for p in (out / "crops").rglob("*")) == [
+        "crops/cluster_00", "crops/cluster_00/000.jpg", "crops/cluster_01",
+        "crops/cluster_01/000.jpg"]
     # An edited names file is never replaced.
     (out / "names.yaml").write_text("cluster_00: blob\n")
     err = user_error(capsys, ["discover", "--run", tiny_run, images, "--output", out,
