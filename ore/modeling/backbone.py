@@ -27,6 +27,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ore.errors import OreError
+from ore.modeling.backbone_weights import load_fpn_state, split_backbone_state
 from ore.modeling.weight_files import MSRA_PIXEL_MEAN_RGB_255, SETTING, TrunkFile, read_trunk_file
 
 log = logging.getLogger(__name__)
@@ -307,14 +308,18 @@ def build_fpn_backbone(
     """A trunk with a feature pyramid on the chosen stages plus a max-pooled top level.
 
     ``weights`` are trunk weights already read from the file ``weights_source`` (see
-    :func:`load_trunk_state`), loaded before stages are frozen; ``pixel_mean`` /
+    :func:`load_trunk_state`), or trunk and pyramid weights under the detector's names
+    (``backbone.body.*``, ``backbone.fpn.*``), loaded before stages are frozen; ``pixel_mean`` /
     ``pixel_std`` are the input normalisation, which MSRA weights are converted to.
 
     Feature maps are named ``"0"``, ``"1"``, … in stage order and ``"pool"`` for the
     extra level, as torchvision's detection heads expect.
     """
     trunk = build_trunk(arch, norm)
+    fpn_weights = None
     if weights is not None:
+        # A trunk + pyramid file (``ore pretrain --export backbone``) loads both.
+        weights, fpn_weights = split_backbone_state(weights, weights_source)
         load_trunk_state(trunk, weights, weights_source, pixel_mean=pixel_mean,
                          pixel_std=pixel_std)
     freeze_stages(trunk, arch, trainable_layers)
@@ -322,10 +327,13 @@ def build_fpn_backbone(
         raise OreError(f"MODEL.BACKBONE.RETURNED_STAGES: {returned_stages} must be in 1..4")
     return_layers = {f"layer{s}": str(i) for i, s in enumerate(returned_stages)}
     in_channels = [STAGE_CHANNELS[arch][s - 1] for s in returned_stages]
-    return BackboneWithFPN(
+    backbone = BackboneWithFPN(
         trunk,
         return_layers=return_layers,
         in_channels_list=in_channels,
         out_channels=out_channels,
         extra_blocks=LastLevelMaxPool(),
     )
+    if fpn_weights is not None:
+        load_fpn_state(backbone.fpn, fpn_weights, weights_source)
+    return backbone

@@ -74,6 +74,10 @@ def test_dense_backbone_export_holds_trunk_and_pyramid_of_the_detector(toy_root,
     loaded = model.state_dict()
     for k, v in state.items():
         assert torch.equal(loaded[k], v), k
+    # Through MODEL.BACKBONE.WEIGHTS the detector gets both parts as well.
+    built = _toy_detector(toy_root, out).state_dict()
+    for k, v in state.items():
+        assert torch.equal(built[k], v), k
     # A pyramid of another width is refused, naming the tensor.
     cfg = load_config("toy/t1_train.yaml", [f"DATASETS.ROOT={toy_root}",
                                             "MODEL.BACKBONE.FPN_CHANNELS=32"])
