@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -20,6 +21,7 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 
+from ore.data.annotation_cache import AnnotationCache, RawAnnotation
 from ore.data.classes import UNKNOWN, TaskSplit, canonical_name
 from ore.errors import OreError
 
@@ -29,6 +31,7 @@ FORMATS = ("voc", "coco")
 ROLES = ("train", "finetune", "test")
 # The files a VOC image list's id may name: <id>.jpg, .jpeg or .png (or upper case).
 VOC_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_IMAGE_SUFFIXES = (*VOC_IMAGE_EXTENSIONS, *(e.upper() for e in VOC_IMAGE_EXTENSIONS))
 _SAFE_ID = re.compile(r"^[\w.\-]+$")  # list ids name files inside the root: no separators
 
 
@@ -101,20 +104,21 @@ def read_image_list(list_path: Path) -> list[str]:
 
 
 def _finalise_boxes(
-    boxes: np.ndarray, width: int, height: int, stats: LoadStats
+    boxes: np.ndarray, width, height, stats: LoadStats
 ) -> np.ndarray:
     """Clip boxes to the image (VOC convention: 1..W, 1..H); mark degenerate ones.
+    ``width`` and ``height``: the image's, or one per box; 0 (unknown size): not clipped.
 
     Returns a keep mask; clipping is done in place and counted.
     """
     if len(boxes) == 0:
         return np.zeros((0,), bool)
-    if width > 0 and height > 0:
-        lo = np.array([1, 1, 1, 1], np.float32)
-        hi = np.array([width, height, width, height], np.float32)
-        clipped = np.clip(boxes, lo, hi)
-        stats.clipped += int(np.any(clipped != boxes, axis=1).sum())
-        boxes[:] = clipped
+    w = np.broadcast_to(np.asarray(width, np.float32), (len(boxes),))
+    h = np.broadcast_to(np.asarray(height, np.float32), (len(boxes),))
+    sized = (w > 0) & (h > 0)
+    clipped = np.where(sized[:, None], np.clip(boxes, 1, np.stack([w, h, w, h], 1)), boxes)
+    stats.clipped += int(np.any(clipped != boxes, axis=1).sum())
+    boxes[:] = clipped
     keep = (boxes[:, 2] >= boxes[:, 0]) & (boxes[:, 3] >= boxes[:, 1])
     stats.dropped_degenerate += int((~keep).sum())
     return keep
@@ -126,6 +130,14 @@ def parse_voc_xml(
 ) -> ImageRecord:
     """Parse one VOC XML file. Unknown class names (not in ``split``) are an error."""
     stats = stats if stats is not None else LoadStats()
+    raw = _read_voc_xml(xml_path, split)
+    return _voc_records([Path(xml_path).stem], [image_path], [raw], stats)[0]
+
+
+def _read_voc_xml(xml_path: Path, split: TaskSplit | None,
+                  names_seen: dict[str, str] | None = None) -> RawAnnotation:
+    """What one VOC file says (boxes as written); ``names_seen`` memoises the checked
+    canonical name of each raw class name across files."""
     try:
         root = ET.parse(xml_path).getroot()
     except FileNotFoundError:
@@ -139,7 +151,7 @@ def parse_voc_xml(
         text = node.findtext(tag)
         try:
             value = float(text)
-            if not np.isfinite(value):  # inf/nan would reach the loss as NaN
+            if not math.isfinite(value):  # inf/nan would reach the loss as NaN
                 raise ValueError
             return cast(value)
         except (TypeError, ValueError, OverflowError):
@@ -150,35 +162,51 @@ def parse_voc_xml(
         width, height = number(size, "width", int), number(size, "height", int)
     else:
         width = height = 0  # unknown: boxes are not clipped
+    names_seen = {} if names_seen is None else names_seen
     names, boxes, difficult = [], [], []
     for obj in root.iter("object"):
         raw = obj.findtext("name")
-        if raw is None or not raw.strip():
-            raise OreError(f"{xml_path}: an <object> has no <name>")
-        name = canonical_name(raw)
-        if split is not None and not split.is_known_name(name):
-            raise OreError(
-                f"{xml_path}: class {raw!r} is in no task of split {split.name} "
-                "(add it to a task, or to never_introduced in a class-split YAML)"
-            )
+        name = names_seen.get(raw)
+        if name is None:
+            if raw is None or not raw.strip():
+                raise OreError(f"{xml_path}: an <object> has no <name>")
+            name = canonical_name(raw)
+            if split is not None and not split.is_known_name(name):
+                raise OreError(
+                    f"{xml_path}: class {raw!r} is in no task of split {split.name} "
+                    "(add it to a task, or to never_introduced in a class-split YAML)"
+                )
+            names_seen[raw] = name
         bnd = obj.find("bndbox")
         if bnd is None:
             raise OreError(f"{xml_path}: object {raw!r} has no <bndbox>")
         boxes.append([number(bnd, t) for t in ("xmin", "ymin", "xmax", "ymax")])
         names.append(name)
         difficult.append(obj.findtext("difficult", "0").strip() in ("1", "true"))
-    box_arr = np.asarray(boxes, np.float32).reshape(-1, 4)
-    keep = _finalise_boxes(box_arr, width, height, stats)
-    record = ImageRecord(
-        image_id=xml_path.stem,
-        file_name=str(image_path),
-        width=width,
-        height=height,
-        boxes=box_arr,
-        names=names,
-        difficult=np.asarray(difficult, bool).reshape(-1),
-    )
-    return record if keep.all() else record.select(keep)
+    return RawAnnotation(width, height, names, np.asarray(boxes, np.float32).reshape(-1, 4),
+                         np.asarray(difficult, bool).reshape(-1))
+
+
+def _voc_records(image_ids: list[str], image_paths: list[Path], raws: list[RawAnnotation],
+                 stats: LoadStats) -> list[ImageRecord]:
+    """Records of parsed files: boxes clipped to their image, degenerate ones dropped
+    (all files at once, counted in ``stats``)."""
+    counts = np.fromiter((len(r.names) for r in raws), np.int64, len(raws))
+    offsets = np.concatenate([[0], np.cumsum(counts)]).tolist()
+    boxes = np.concatenate([r.boxes for r in raws] + [np.zeros((0, 4), np.float32)])
+    difficult = np.concatenate([r.difficult for r in raws] + [np.zeros(0, bool)])
+    size = np.repeat(np.asarray([(r.width, r.height) for r in raws], np.float32).reshape(-1, 2),
+                     counts, axis=0)
+    keep = _finalise_boxes(boxes, size[:, 0], size[:, 1], stats)
+    dropped = np.bincount(np.repeat(np.arange(len(raws)), counts)[~keep], minlength=len(raws))
+    records = []
+    for image_id, image_path, r, lo, hi, drop in zip(image_ids, image_paths, raws, offsets,
+                                                     offsets[1:], dropped.tolist()):
+        record = ImageRecord(image_id=image_id, file_name=str(image_path), width=r.width,
+                             height=r.height, boxes=boxes[lo:hi], names=r.names,
+                             difficult=difficult[lo:hi])
+        records.append(record.select(keep[lo:hi]) if drop else record)
+    return records
 
 
 def voc_xml(record: ImageRecord, *, file_name: str | None = None) -> str:
@@ -205,10 +233,10 @@ def voc_xml(record: ImageRecord, *, file_name: str | None = None) -> str:
 
 
 def find_image(image_dir: Path, image_id: str) -> Path:
-    for ext in (*VOC_IMAGE_EXTENSIONS, *(e.upper() for e in VOC_IMAGE_EXTENSIONS)):
-        p = image_dir / f"{image_id}{ext}"
-        if p.is_file():
-            return p
+    stem = os.path.join(image_dir, image_id)
+    for ext in _IMAGE_SUFFIXES:
+        if os.path.isfile(stem + ext):
+            return Path(stem + ext)
     raise OreError(f"image for listed id {image_id!r} not found: {image_dir / image_id}.jpg")
 
 
@@ -234,11 +262,32 @@ def load_voc_split(
         raise OreError(f"dataset root not found: {root}")
     ids = read_image_list(list_path(root, split_name))
     stats = LoadStats()
-    images = root / image_dir
-    records = [
-        parse_voc_xml(root / "Annotations" / f"{i}.xml", find_image(images, i), split, stats)
-        for i in ids
-    ]
+    images, annotations = root / image_dir, root / "Annotations"
+    cache = AnnotationCache(annotations)
+    folder = os.path.join(annotations, "")
+    image_paths, raws = [], []
+    names_seen: dict[str, str] = {}  # raw class name -> canonical, checked against split
+    known: dict[str, bool] = {}  # canonical name -> known to split (as the cache holds them)
+    for i in ids:
+        image_paths.append(find_image(images, i))
+        name = f"{i}.xml"
+        try:
+            stat = os.stat(folder + name)
+        except OSError:
+            stat = None  # _read_voc_xml names the problem
+        raw = cache.lookup(name, stat) if stat is not None else None
+        if raw is not None and split is not None:
+            for n in set(raw.names) - known.keys():
+                known[n] = split.is_known_name(n)
+            if not all(map(known.__getitem__, raw.names)):
+                raw = None  # parsed again, to name the class as the file writes it
+        if raw is None:
+            raw = _read_voc_xml(annotations / name, split, names_seen)
+            if stat is not None:
+                cache.store(name, stat, raw)
+        raws.append(raw)
+    cache.save()
+    records = _voc_records(ids, image_paths, raws, stats)
     _report(stats, f"{root}:{split_name}")
     return records
 
