@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="class split: owod, sowod, toy or a YAML file (default owod)")
     parser.add_argument("--detections", required=True,
                         help='JSON list of {"image_id", "category", "score", "bbox"} in the '
-                             "annotation's pixel coordinates")
+                             "annotation's pixel coordinates, or the same columns in a .npz "
+                             "(ore.evaluation.detections.write_columnar_detections)")
     parser.add_argument("--ap", choices=("allpoint", "11point"), default="allpoint",
                         help="AP50 interpolation (default allpoint, as the reference)")
     parser.add_argument("--format", choices=("voc", "coco"), default="voc",

@@ -12,7 +12,7 @@ import pytest
 from ore.cli import main
 from ore.data.classes import load_task_split
 from ore.errors import OreError
-from ore.evaluation.detections import parse_detections
+from ore.evaluation.detections import parse_detections, write_columnar_detections
 from ore.evaluation.evaluator import RESULT_KEYS
 from ore.evaluation.report import format_table
 
@@ -119,6 +119,20 @@ def test_task_number_forms_and_11point(voc_root, tmp_path):
     assert main(argv) == 0
     assert json.loads(out.read_text()) == first
 
+
+
+def test_columnar_detections_file_gives_the_same_figures(voc_root, tmp_path):
+    code, out = _run(voc_root, tmp_path, DETECTIONS, "--no-coco")
+    assert code == 0
+    from_json = json.loads(out.read_text())
+    npz = write_columnar_detections(
+        tmp_path / "dets.npz", [d["image_id"] for d in DETECTIONS],
+        [d["category"] for d in DETECTIONS], [d["score"] for d in DETECTIONS],
+        [d["bbox"] for d in DETECTIONS])
+    argv = ["eval-detections", "--root", str(voc_root), "--split", "test", "--task", "t1",
+            "--classes", "toy", "--detections", str(npz), "--output", str(out), "--no-coco"]
+    assert main(argv) == 0
+    assert json.loads(out.read_text()) == from_json
 
 @pytest.mark.parametrize("entry, message", [
     ({"image_id": "img0", "category": "circle", "score": 0.5}, "entry #1"),
