@@ -29,6 +29,7 @@ from ore.demo.figures import (
 from ore.demo.targets import METRICS, TARGET_LABELS, evaluate_targets, metric_value
 from ore.engine.layout import ENERGY_PLOT, RunLayout, final_metrics, final_stage, task_number
 from ore.errors import OreError
+from ore.evaluation.report import protocol_line
 from ore.fileio import atomic_write, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -290,6 +291,11 @@ def write_report(out_dir: str | Path, *, ore_run: str | Path, baseline_run: str 
              "The better of ORE and the baseline is highlighted; ↑ higher is better, "
              "↓ lower is better.")
     _results_table(doc, ore, baseline)
+    finals = [final_metrics(stages) for stages in ore.values()]
+    first = next((r for r in finals if r), None)
+    if first is not None:
+        line = protocol_line(first)
+        doc.para(html.escape(line), line)
 
     doc.heading("Previously known classes: before and after the exemplar finetune")
     if _finetune_table(doc, ore, baseline):

@@ -23,6 +23,7 @@ def metrics(prev=None, cur=50.0, both=50.0, ur=None, wi=0.05, a_ose=10, udr=None
         "unknown_recall": ur, "unknown_ap": None, "unknown_precision": None,
         "wilderness_impact": {k: wi for k in WI_KEYS}, "a_ose": a_ose, "udr": udr, "udp": udp,
         "coco": {"AP": 1.0, "AP50": 2.0, "AP75": 0.5}, "per_class_ap": {},
+        "protocol": "listed-lines", "listed_lines": 30, "unique_images": 28,
     }
 
 
@@ -168,6 +169,8 @@ def test_report_is_self_contained_and_atomic(tmp_path, monkeypatch):
     assert '<td class="num group best">0.0123</td>' in page  # lower WI is better
 
     md = out["md"].read_text()
+    assert "(protocol listed-lines: 30 listed lines, 28 unique images;" in md
+    assert "(protocol listed-lines: 30 listed lines, 28 unique images;" in page
     assert "| Known mAP (both) ↑ | 71.4 | **74.0** | 56.7 | **60.0** | 52.0 | **54.0** |" in md
     for name in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
         assert (tmp_path / "report" / name).is_file()
