@@ -11,7 +11,13 @@ unknown) and in the background. Reports, in one run:
   detections, checking that both give identical figures;
 - a sweep of D (detections) with the log-log slope of time vs D;
 - peak memory (tracemalloc: numpy buffers included) of one evaluation, and the process's
-  peak RSS.
+  peak RSS;
+- end to end at ``--dets`` (annotations read + detections file read + evaluation), side by
+  side in this process: ours with an empty annotation cache (cold), with it filled (warm),
+  warm with a columnar ``.npz`` detections file, and the reference's style (each XML file
+  parsed with ElementTree as its ``parse_rec`` does, ``json.load``, the naive evaluation);
+  time ratios to the reference, and the peak traced memory of each (a second pass, under
+  tracemalloc).
 
     python tools/bench_eval.py                  # 5,000 images, 375k detections, sweep
     python tools/bench_eval.py --images 500 --sweep 10000 50000 --naive-max 50000
@@ -21,20 +27,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import tempfile
 import time
 import tracemalloc
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 
+from ore.data.annotation_cache import CACHE_ENV
 from ore.data.classes import OWOD_TASKS, load_task_split
-from ore.data.records import load_role_split
+from ore.data.records import as_listed, load_role_split
 from ore.evaluation.coco import coco_ap
+from ore.evaluation.detections import read_detections, write_columnar_detections
 from ore.evaluation.evaluator import RESULT_KEYS, OpenWorldEvaluator
-from ore.evaluation.metrics import open_world_metrics
+from ore.evaluation.metrics import Detections, GroundTruth, open_world_metrics
 
 # The per-detection oracle lives with the tests; run as a script, tools/ is sys.path[0].
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -113,6 +123,113 @@ def time_ours(split, task, records, dets, repeat: int) -> tuple[float, dict, Ope
     return best, result, ev
 
 
+def write_detection_files(folder: Path, ev: OpenWorldEvaluator, dets: dict):
+    """The detections as a JSON file (the documented entry list) and as a columnar .npz."""
+    names = [ev.protocol.names[c] for c in dets["labels"].tolist()]
+    entries = [{"image_id": i, "category": c, "score": s, "bbox": b} for i, c, s, b in zip(
+        dets["image_ids"], names, dets["scores"].tolist(), dets["boxes"].tolist())]
+    json_path = folder / "detections.json"
+    json_path.write_text(json.dumps(entries))
+    del entries
+    npz_path = write_columnar_detections(folder / "detections.npz", dets["image_ids"], names,
+                                         dets["scores"], dets["boxes"])
+    return json_path, npz_path
+
+
+def ours_end_to_end(root: Path, split, task: int, det_path: Path) -> tuple[dict, dict]:
+    """Ours as ``ore eval-detections --no-coco`` runs it; seconds of each phase."""
+    t0 = time.perf_counter()
+    records = as_listed(load_role_split(root, "test", split, task, "test"), root, "test")
+    t1 = time.perf_counter()
+    dets = read_detections(det_path, split)
+    t2 = time.perf_counter()
+    ev = OpenWorldEvaluator(split=split, task=task, records=records, coco=False)
+    ev.add_detections(**dets)
+    del dets
+    result = ev.evaluate(details=True)
+    t3 = time.perf_counter()
+    return result, {"annotations_s": t1 - t0, "detections_s": t2 - t1, "evaluate_s": t3 - t2}
+
+
+def parse_rec(filename: Path) -> list[dict]:
+    """One annotation file as the reference's evaluator reads it."""
+    tree = ET.parse(filename)
+    objects = []
+    for obj in tree.findall("object"):
+        bbox = obj.find("bndbox")
+        objects.append({
+            "name": obj.find("name").text,
+            "difficult": int(obj.find("difficult").text),
+            "bbox": [int(bbox.find(t).text) for t in ("xmin", "ymin", "xmax", "ymax")],
+        })
+    return objects
+
+
+def reference_end_to_end(root: Path, split, task: int, det_path: Path) -> tuple[dict, dict]:
+    """The reference's style: ElementTree per file, ``json.load``, per-detection loops."""
+    ev = OpenWorldEvaluator(split=split, task=task, records=[], coco=False)  # the protocol
+    protocol = ev.protocol
+    seen = {protocol.names[c]: c for c in protocol.seen}
+    t0 = time.perf_counter()
+    ids = [line.strip() for line in (root / "ImageSets/Main/test.txt").read_text().splitlines()]
+    recs = {i: parse_rec(root / "Annotations" / f"{i}.xml") for i in ids}
+    index = {i: k for k, i in enumerate(ids)}
+    objects = [(index[i], o) for i in ids for o in recs[i]]
+    gt = GroundTruth(
+        image=np.array([k for k, _ in objects], np.int64),
+        label=np.array([seen.get(o["name"], protocol.unknown) for _, o in objects], np.int64),
+        boxes=np.array([o["bbox"] for _, o in objects], np.float64).reshape(-1, 4),
+        difficult=np.array([bool(o["difficult"]) for _, o in objects], bool),
+        num_images=len(ids))
+    t1 = time.perf_counter()
+    with open(det_path) as f:
+        entries = json.load(f)
+    dets = Detections(
+        image=np.array([index[e["image_id"]] for e in entries], np.int64),
+        label=np.array([split.label(e["category"]) for e in entries], np.int64),
+        score=np.array([e["score"] for e in entries], np.float64),
+        boxes=np.array([e["bbox"] for e in entries], np.float64).reshape(-1, 4))
+    t2 = time.perf_counter()
+    result = naive_metrics(gt, dets, protocol)
+    t3 = time.perf_counter()
+    return result, {"annotations_s": t1 - t0, "detections_s": t2 - t1, "evaluate_s": t3 - t2}
+
+
+def end_to_end(root: Path, split, task: int, json_path: Path, npz_path: Path,
+               cache: Path) -> dict:
+    """Each pipeline timed, then run again under tracemalloc for its peak; figures checked
+    against the reference's."""
+    runs = {
+        "reference": lambda: reference_end_to_end(root, split, task, json_path),
+        "ours_cold": lambda: ours_end_to_end(root, split, task, json_path),
+        "ours_warm": lambda: ours_end_to_end(root, split, task, json_path),
+        "ours_warm_npz": lambda: ours_end_to_end(root, split, task, npz_path),
+    }
+    out, figures = {}, {}
+    for name, run in runs.items():
+        for traced in (False, True):
+            if name == "ours_cold":
+                for f in cache.glob("annotations/*.npz"):
+                    f.unlink()  # the cache is empty for both passes
+            if traced:
+                tracemalloc.start()
+            t0 = time.perf_counter()
+            result, phases = run()
+            seconds = time.perf_counter() - t0
+            if traced:
+                out[name]["peak_traced_MiB"] = tracemalloc.get_traced_memory()[1] / 2**20
+                tracemalloc.stop()
+            else:
+                out[name] = {"total_s": seconds, **phases}
+                figures[name] = result
+    for name, row in out.items():
+        row["speedup"] = out["reference"]["total_s"] / row["total_s"]
+        row["memory_vs_reference"] = (row["peak_traced_MiB"]
+                                      / out["reference"]["peak_traced_MiB"])
+        row["identical"] = not compare(figures[name], figures["reference"])
+    return out
+
+
 def compare(fast: dict, slow: dict) -> list[str]:
     """Keys whose values differ (the naive dict has the same keys, COCO aside)."""
     return [k for k in slow if k != "coco" and fast.get(k) != slow[k]]
@@ -129,18 +246,24 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="best of N for our evaluator")
     parser.add_argument("--coco", action="store_true", help="also time pycocotools at --dets")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-end-to-end", dest="end_to_end", action="store_false",
+                        help="skip the end-to-end comparison at --dets")
     parser.add_argument("--json", help="write the numbers here")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     split, task = load_task_split("owod"), 2
     report: dict = {"images": args.images, "seen_classes": len(split.seen(task))}
 
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "owod"
-        write_dataset(root, args.images, rng)
-        t0 = time.perf_counter()
-        records = load_role_split(root, "test", split, task, "test")
-        report["xml_parse_s"] = time.perf_counter() - t0
+    tmp = tempfile.TemporaryDirectory()
+    root, cache = Path(tmp.name) / "owod", Path(tmp.name) / "cache"
+    os.environ[CACHE_ENV] = str(cache)  # an empty cache of this run's own
+    write_dataset(root, args.images, rng)
+    old = time.time_ns() - 3600 * 10**9  # a dataset at rest (fresh files are not cached)
+    for f in (root / "Annotations").iterdir():
+        os.utime(f, ns=(old, old))
+    t0 = time.perf_counter()
+    records = load_role_split(root, "test", split, task, "test")
+    report["xml_parse_s"] = time.perf_counter() - t0
     n_obj = sum(len(r.names) for r in records)
     print(f"{args.images} images, {n_obj} objects; XML parsed once for all classes in "
           f"{report['xml_parse_s']:.2f} s")
@@ -167,6 +290,19 @@ def main(argv=None) -> int:
             open_world_metrics(ev.gt, ev.evaluable_detections(), ev.protocol)
             row["peak_traced_MiB"] = tracemalloc.get_traced_memory()[1] / 2**20
             tracemalloc.stop()
+        if d == args.dets and args.end_to_end:
+            json_path, npz_path = write_detection_files(Path(tmp.name), ev0, dets)
+            e2e = end_to_end(root, split, task, json_path, npz_path, cache)
+            report["end_to_end"] = {"D": d, "json_MB": json_path.stat().st_size / 1e6,
+                                    "npz_MB": npz_path.stat().st_size / 1e6, **e2e}
+            print(f"  end to end at D={d} ({report['end_to_end']['json_MB']:.0f} MB JSON, "
+                  f"{report['end_to_end']['npz_MB']:.0f} MB npz):")
+            for name, r in e2e.items():
+                print(f"    {name:14s} total {r['total_s']:7.3f} s (annotations "
+                      f"{r['annotations_s']:.3f}, detections {r['detections_s']:.3f}, evaluate "
+                      f"{r['evaluate_s']:.3f})  x{r['speedup']:.1f}  peak "
+                      f"{r['peak_traced_MiB']:.0f} MiB ({r['memory_vs_reference']:.2f} of the "
+                      f"reference)  identical={r['identical']}", flush=True)
         if d == args.dets:
             report["figures"] = {k: fast[k] for k in RESULT_KEYS if k not in ("per_class_ap",)}
             if args.coco:
@@ -202,7 +338,11 @@ def main(argv=None) -> int:
     print(json.dumps(report["figures"], indent=None)[:800])
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
-    return 0 if all(r.get("identical", True) for r in rows) else 1
+    tmp.cleanup()
+    identical = [r.get("identical", True) for r in rows]
+    identical += [r["identical"] for r in report.get("end_to_end", {}).values()
+                  if isinstance(r, dict)]
+    return 0 if all(identical) else 1
 
 
 if __name__ == "__main__":
