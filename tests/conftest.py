@@ -14,6 +14,15 @@ LABELME = "labelme==6.3.1"
 CACHE = Path(os.environ.get("ORE_TEST_CACHE", Path.home() / ".cache" / "ore-tests"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _annotation_cache(tmp_path_factory):
+    """Parsed annotations are cached in a folder of this test session, never the user's."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ORE_CACHE_DIR", str(tmp_path_factory.mktemp("ore-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def toy_root(tmp_path_factory) -> Path:
     """A toy world small enough to write in about a second (same layout as the default)."""
