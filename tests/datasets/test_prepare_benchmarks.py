@@ -7,7 +7,6 @@ The inputs are small fakes laid out as the real downloads unpack: ``VOCdevkit/VO
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -20,16 +19,12 @@ import pytest
 
 from ore.data.classes import load_task_split
 from ore.data.records import ImageRecord, load_voc_split, parse_voc_xml, voc_xml
-
-SCRIPT = Path(__file__).resolve().parents[2] / "datasets" / "prepare_owod.py"
+from tests.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def prep():
-    spec = importlib.util.spec_from_file_location("prepare_owod_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("datasets/prepare_owod.py", "prepare_owod_bench")
 
 
 def _jpeg(path: Path, value: int) -> None:

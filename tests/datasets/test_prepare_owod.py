@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -13,16 +12,12 @@ import pytest
 from ore.data.classes import load_task_split
 from ore.data.exemplars import select_exemplars
 from ore.data.records import load_coco_json, load_voc_split
-
-SCRIPT = Path(__file__).resolve().parents[2] / "datasets" / "prepare_owod.py"
+from tests.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def prep():
-    spec = importlib.util.spec_from_file_location("prepare_owod", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("datasets/prepare_owod.py")
 
 
 def write_coco(folder: Path, images: dict[str, list[tuple[str, list[float], int]]],

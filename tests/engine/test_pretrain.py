@@ -30,6 +30,7 @@ from ore.engine.checkpoint import load_trunk_weights, read_trunk_weights
 from ore.engine.pretrain import _channels_last, check_options, pretrain, save_trunk
 from ore.errors import OreError
 from ore.modeling.backbone import build_fpn_backbone, build_trunk, trunk_out_channels
+from tests.scripts import load_script
 
 
 def _first_weight(state, stage):
@@ -346,12 +347,7 @@ def test_fashion_mnist_loads_and_pretrain_reports_knn(tmp_path):
 
 
 def test_bench_pretrain_takes_a_lone_flag_as_extra():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[2] / "tools" / "bench_pretrain.py"
-    spec = importlib.util.spec_from_file_location("bench_pretrain", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("tools/bench_pretrain.py")
     assert bench._join_extra(["--extra", "--decoupled", "--minutes", "3"]) == [
         "--extra=--decoupled", "--minutes", "3"]
     assert bench._join_extra(["--extra", "--seed 1", "--extra"]) == ["--extra=--seed 1", "--extra"]

@@ -4,9 +4,7 @@ pretrained trunk and pyramid."""
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,16 +13,12 @@ from ore.cli import main as cli_main
 from ore.config import load_config
 from ore.data.classes import load_task_split
 from ore.engine.checkpoint import build_model
-
-PATH = Path(__file__).resolve().parents[2] / "tools" / "bench_pretrain_detection.py"
+from tests.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("bench_pretrain_detection", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/bench_pretrain_detection.py")
 
 
 def run(method, seed, curve, steps=None):

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-from pathlib import Path
 
 import pytest
 
-PATH = Path(__file__).resolve().parents[2] / "tools" / "demo_seeds.py"
+from tests.scripts import load_script
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("demo_seeds", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/demo_seeds.py")
 
 
 def figures(known, prev, recall, wi, aose):
