@@ -204,7 +204,11 @@ def read_columnar_detections(path: str | Path, split: TaskSplit) -> dict:
     """
     where = str(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise OreError(f"{where}: not a columnar detections .npz file (it holds one "
+                           "array, not the named arrays of one)")
+        with z:
             missing = [k for k in COLUMNS if k not in z.files]
             if missing:
                 raise OreError(f"{where}: no array {missing[0]!r}; a columnar detections file "

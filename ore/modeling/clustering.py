@@ -159,6 +159,8 @@ class PrototypeStore(nn.Module):
                 self.valid.fill_(True)
             else:
                 self.prototypes.copy_(torch.where(has[:, None], moved, self.prototypes))
+                # Rows added since the reset (a task started past start_iter) join at zero.
+                self.valid.fill_(True)
             return
         # A class seen for the first time starts at its queue mean; others move with momentum.
         new = torch.where(self.valid[:, None], moved, means)

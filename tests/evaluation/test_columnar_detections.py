@@ -124,3 +124,7 @@ def test_malformed_columnar_files(tmp_path):
     bad.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(OreError, match="not a columnar detections .npz"):
         read_detections(bad, TOY)
+    with open(bad, "wb") as f:  # a single .npy array under an .npz name
+        np.save(f, np.zeros(3))
+    with pytest.raises(OreError, match="holds one array"):
+        read_detections(bad, TOY)

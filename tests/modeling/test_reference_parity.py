@@ -221,3 +221,13 @@ def test_reference_preset_runs_two_tasks_on_the_toy_world(toy_root, tmp_path):
     assert int(state["roi_heads.iteration"]) == 16
     assert state["roi_heads.store.valid"].all()  # zero-start: every row, background too
     assert len(state["roi_heads.store.valid"]) == TOY.num_classes + 2
+
+
+def test_zero_start_rows_added_after_the_reset_join_the_loss_at_the_next_update():
+    # A task whose counter starts past start_iter (no reset): a fresh row is not valid yet.
+    store = PrototypeStore(3, 2, start_iter=4, update_every=3, init="zero", phase="multiples")
+    store.valid[:2] = True
+    store.enqueue(torch.tensor([[5.0, 5.0]]), torch.tensor([2]))
+    store.step(9)
+    assert store.valid.tolist() == [True, True, True]
+    torch.testing.assert_close(store.prototypes[2], torch.tensor([0.05, 0.05]))
