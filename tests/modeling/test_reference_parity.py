@@ -105,7 +105,7 @@ def test_background_row_fills_from_background_rois_and_enters_the_loss():
     assert int(store.queue_len[0]) > 0 and int(store.queue_len[1]) == 0
     # Batch first, at start_iter: the prototypes already hold this batch's means.
     assert store.valid.all() and float(store.prototypes[-1].abs().sum()) > 0
-    assert float(losses["loss_clustering"]) > 0
+    assert float(losses["loss_clustering"].detach()) > 0
 
 
 def test_sampled_unknowns_regress_toward_the_gt_box_they_overlap_most():
