@@ -42,7 +42,6 @@ from tqdm import tqdm
 
 from ore.contrastive.clustering import kmeans
 from ore.data.classes import UNKNOWN
-from ore.data.dataset import image_to_tensor
 from ore.data.images import UnreadableImage, decode_image
 from ore.data.records import VOC_IMAGE_EXTENSIONS, ImageRecord, parse_voc_xml, voc_xml
 from ore.engine.inference import Predictor
@@ -169,18 +168,16 @@ def check_discover_model(cfg) -> None:
                        "labels a detection unknown; discover needs a run of the ORE head")
 
 
-@torch.inference_mode()
 def _predict(predictor: Predictor, images: list[np.ndarray]) -> list[dict]:
-    outputs = predictor.model([image_to_tensor(im).to(predictor.device) for im in images])
     unknown = predictor.split.unknown_label
     found = []
-    for o in outputs:
-        if "features" not in o:
+    for det in predictor.predict(images, features=True):
+        if det.features is None:
             raise OreError("the detector returns no RoI features; discover needs the ORE head")
-        keep = o["labels"] == unknown
-        found.append({"boxes": o["boxes"][keep].float().cpu().numpy(),
-                      "scores": o["scores"][keep].float().cpu().numpy(),
-                      "features": F.normalize(o["features"][keep].float(), dim=-1).cpu().numpy()})
+        keep = det.labels == unknown
+        features = F.normalize(torch.from_numpy(det.features[keep]), dim=-1).numpy()
+        found.append({"boxes": det.boxes[keep], "scores": det.scores[keep],
+                      "features": features})
     return found
 
 

@@ -28,6 +28,8 @@ class ImageDetections:
     energies: np.ndarray | None = None  # float32 [D]
     known_logpdf: np.ndarray | None = None  # float32 [D]
     unknown_logpdf: np.ndarray | None = None  # float32 [D]
+    # With ``features=True`` (ORE head): each detection's RoI feature. None otherwise.
+    features: np.ndarray | None = None  # float32 [D, F]
 
 
 class Predictor:
@@ -53,7 +55,10 @@ class Predictor:
         self.model.to(self.device).eval()
 
     @torch.inference_mode()
-    def predict_tensors(self, images: list[torch.Tensor]) -> list[ImageDetections]:
+    def predict_tensors(self, images: list[torch.Tensor], features: bool = False
+                        ) -> list[ImageDetections]:
+        """Detections of each image; with ``features`` also each one's RoI feature (the
+        ORE head returns them)."""
         outputs = self.model([im.to(self.device) for im in images])
         names = self.split.label_names
         relabeller = getattr(self.model.roi_heads, "relabeller", None)
@@ -70,8 +75,11 @@ class Predictor:
                 det.energies = e.numpy()
                 det.known_logpdf = np.asarray(relabeller.fit.known.logpdf(-e), np.float32)
                 det.unknown_logpdf = np.asarray(relabeller.fit.unknown.logpdf(-e), np.float32)
+            if features and "features" in o:
+                det.features = o["features"].float().cpu().numpy()
             result.append(det)
         return result
 
-    def predict(self, images_rgb: list[np.ndarray]) -> list[ImageDetections]:
-        return self.predict_tensors([image_to_tensor(im) for im in images_rgb])
+    def predict(self, images_rgb: list[np.ndarray], features: bool = False
+                ) -> list[ImageDetections]:
+        return self.predict_tensors([image_to_tensor(im) for im in images_rgb], features)
