@@ -143,12 +143,9 @@ def planned_iterations(config_dir: Path, overrides: list[str] = (), scale: float
     for _, train, ft in discover_tasks(config_dir):
         for f in (train, ft):
             if f is not None:
-                s = load_config(f, overrides).SOLVER
-                if scale == 1.0:
-                    total += s.MAX_ITER - s.START_ITER
-                    continue
-                start = round(s.START_ITER * scale)
-                total += max(start + 1, scaled_iterations(s.MAX_ITER, scale)) - start
+                ovs = [*overrides, *schedule_overrides(load_config(f, overrides), scale)]
+                s = load_config(f, ovs).SOLVER
+                total += s.MAX_ITER - s.START_ITER
     return total
 
 

@@ -231,3 +231,13 @@ def test_zero_start_rows_added_after_the_reset_join_the_loss_at_the_next_update(
     store.step(9)
     assert store.valid.tolist() == [True, True, True]
     torch.testing.assert_close(store.prototypes[2], torch.tensor([0.05, 0.05]))
+
+
+def test_planned_iterations_follow_the_one_counter():
+    from ore.config import CONFIG_ROOT
+    from ore.engine.tasks import planned_iterations
+
+    ref = CONFIG_ROOT / "owod_reference"
+    assert planned_iterations(ref) == 160500  # 0 -> 160.5k, counted once
+    # Scaled by 1/4500: T1 0->4, T2 4->16, ft ->17, T3 16->25, ft ->26, T4 26->35, ft ->36.
+    assert planned_iterations(ref, scale=1 / 4500) == 4 + 12 + 1 + 9 + 1 + 9 + 1
