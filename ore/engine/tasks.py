@@ -40,7 +40,7 @@ from ore.engine.layout import (
 )
 from ore.engine.trainer import Trainer
 from ore.errors import OreError
-from ore.evaluation.evaluator import RESULT_KEYS
+from ore.evaluation.evaluator import RESULT_KEYS, protocol_name
 from ore.fileio import (
     atomic_write_json,
     atomic_write_text,
@@ -87,7 +87,7 @@ def discover_tasks(config_dir: Path) -> list[tuple[int, Path, Path | None]]:
 def _evaluate(cfg: DictConfig, weights: Path, out_file: Path) -> dict:
     """The stage's evaluation, reused when ``out_file`` holds one made under the protocol
     asked for (every listed line, or each image once), made again otherwise."""
-    protocol = "unique-images" if cfg.DATASETS.TEST_UNIQUE_IMAGES else "listed-lines"
+    protocol = protocol_name(cfg.DATASETS.TEST_UNIQUE_IMAGES)
     if out_file.is_file():
         saved = read_json(out_file)
         if isinstance(saved, dict) and saved.get("protocol") == protocol:

@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 # published figures (SPEC §9), or every image once.
 PROTOCOLS = ("listed-lines", "unique-images")
 
+
+def protocol_name(unique_images: bool) -> str:
+    """The name of the protocol that counts each image once (or every listed line)."""
+    return PROTOCOLS[1] if unique_images else PROTOCOLS[0]
+
 # The top-level keys of evaluate()'s result and of the JSON file, in print order.
 RESULT_KEYS = (
     "protocol", "listed_lines", "unique_images",
@@ -108,7 +113,7 @@ class OpenWorldEvaluator:
             raise OreError(f"AP method {ap!r}: expected one of {AP_METHODS}")
         split.check_task(task)
         self.split, self.task, self.ap, self.coco = split, task, ap, coco
-        self.protocol_name = PROTOCOLS[1] if unique_images else PROTOCOLS[0]
+        self.protocol_name = protocol_name(unique_images)
         self.num_lines = len(records)
         self.protocol = Protocol(
             names=split.label_names,
