@@ -133,11 +133,22 @@ def load_image_folder(root: str | Path, size: int) -> ImageSet:
     files = sorted(p for p in root.rglob("*") if is_image_file(p))
     if not files:
         raise OreError(f"--images: no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-    out = np.empty((len(files), size, size, 3), dtype=np.uint8)
-    for i, path in enumerate(files):
+
+    def read(path: Path) -> np.ndarray:
         img = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if img is None:
             raise OreError(f"--images: cannot decode {path}")
+        return img[:, :, ::-1]  # BGR→RGB
+
+    return resized_image_set(files, size, read)
+
+
+def resized_image_set(items: list, size: int, read) -> ImageSet:
+    """The images of ``items`` (paths, ids…) read by ``read`` (item → RGB uint8 [H, W, 3],
+    an :class:`OreError` when it cannot), in order, resized to size×size, unlabelled."""
+    out = np.empty((len(items), size, size, 3), dtype=np.uint8)
+    for i, item in enumerate(items):
+        img = read(item)
         interp = cv2.INTER_AREA if min(img.shape[:2]) > size else cv2.INTER_LINEAR
-        out[i] = cv2.resize(img, (size, size), interpolation=interp)[:, :, ::-1]  # BGR→RGB
+        out[i] = cv2.resize(np.ascontiguousarray(img), (size, size), interpolation=interp)
     return ImageSet(torch.from_numpy(out).permute(0, 3, 1, 2).contiguous())

@@ -29,7 +29,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -51,7 +50,13 @@ from ore.contrastive.methods import (
     build_method,
 )
 from ore.data.fashion_mnist import FASHION_MNIST_DIR, load_fashion_mnist
-from ore.data.images import ImageSet, UnreadableImage, decode_image, load_image_folder
+from ore.data.images import (
+    ImageSet,
+    UnreadableImage,
+    decode_image,
+    load_image_folder,
+    resized_image_set,
+)
 from ore.data.records import find_image, list_path, read_image_list
 from ore.engine import distributed as D
 from ore.engine.checkpoint import save_torch_file
@@ -291,16 +296,13 @@ def load_image_list(spec: str, size: int) -> ImageSet:
     ids = read_image_list(list_path(Path(root), name))
     if not ids:
         raise OreError(f"--list: {list_path(Path(root), name)} lists no images")
-    out = np.empty((len(ids), size, size, 3), dtype=np.uint8)
-    for i, image_id in enumerate(ids):
-        path = find_image(Path(root) / "JPEGImages", image_id)
+    def read(image_id: str) -> np.ndarray:
         try:
-            img = decode_image(path)
+            return decode_image(find_image(Path(root) / "JPEGImages", image_id))
         except UnreadableImage as exc:
             raise OreError(f"--list: {exc}") from None
-        interp = cv2.INTER_AREA if min(img.shape[:2]) > size else cv2.INTER_LINEAR
-        out[i] = cv2.resize(img, (size, size), interpolation=interp)
-    return ImageSet(torch.from_numpy(out).permute(0, 3, 1, 2).contiguous())
+
+    return resized_image_set(ids, size, read)
 
 
 class DenseFeatures(nn.Module):
