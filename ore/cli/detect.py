@@ -10,7 +10,7 @@ from ore.config import load_config
 from ore.data.images import collect_images, is_video_file
 from ore.engine.detect import DRAW_THRESH, FORMATS, check_detect_paths, detect_images
 from ore.engine.inference import Predictor
-from ore.engine.layout import find_run_stage
+from ore.engine.layout import find_run_stage, stage_config
 from ore.errors import OreError
 
 
@@ -56,10 +56,7 @@ def model_source(args: argparse.Namespace, overrides: list[str]):
         raise OreError("--run takes the config and weights from the run folder: leave out "
                        "--config and --weights")
     stage = find_run_stage(args.run, args.stage)
-    cfg = load_config(stage.config, overrides)
-    if stage.energy_fit is not None and cfg.MODEL.ROI_HEADS.NAME == "ore":
-        ebui = ["EBUI.ENABLED=true", f"EBUI.FIT_FILE={stage.energy_fit}"]
-        cfg = load_config(stage.config, [*ebui, *overrides])
+    cfg = stage_config(stage, overrides)
     return cfg, str(stage.weights)
 
 

@@ -12,16 +12,19 @@ from ore.engine.detect import check_detect_paths
 from ore.engine.discover import (
     CLUSTERS_FILE,
     COCO_FILE,
+    DEFAULT_OBJECTNESS,
     GALLERY_HTML,
     NAMES_FILE,
     VOC_DIR,
     check_discover_model,
     check_discover_output,
     check_k,
+    check_objectness,
     discover,
     parse_k_range,
 )
 from ore.engine.inference import Predictor
+from ore.engine.objectness import run_training_records
 from ore.errors import OreError
 from ore.fileio import check_output_dir
 
@@ -47,7 +50,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep detections from this score (default: the config's)")
     p.add_argument("--max-per-cluster-gallery", type=int, default=20, metavar="N",
                    help="crops shown per cluster in the gallery, most typical first (20)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the k-means restarts (0)")
+    p.add_argument("--objectness", type=float, default=DEFAULT_OBJECTNESS, metavar="SCORE",
+                   help="cluster only detections whose whole-object score reaches SCORE: a "
+                        "small network learnt from the run's own labelled training boxes "
+                        "tells whole objects from boxes that cut through one or cover "
+                        f"background (default {DEFAULT_OBJECTNESS:g}; 0: off)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the k-means restarts and the whole-object score (0)")
     p.add_argument("--names-majority", metavar="GT_ROOT", default=None,
                    help="a VOC root with the images' ground truth (Annotations/<stem>.xml): "
                         "name each cluster by its members' majority class and write "
@@ -64,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     check_batch_size(args.batch_size)
     k_range = parse_k_range(args.k_range) if args.k_range is not None else None
     check_k(args.k, k_range)
+    check_objectness(args.objectness)
     check_output_dir(args.output)
     inputs, overrides = split_overrides(args.inputs)
     if not inputs:
@@ -77,16 +87,19 @@ def run(args: argparse.Namespace) -> int:
                        "image files")
     check_detect_paths([*inputs, *paths], args.output, ())
     check_discover_output(args.output)
+    records = run_training_records(args.run) if args.objectness > 0 else None
     predictor = Predictor(cfg, weights, args.score_thresh)
     summary = discover(predictor, paths, args.output, k=args.k, k_range=k_range,
                        seed=args.seed, batch_size=args.batch_size,
                        gallery_per_cluster=args.max_per_cluster_gallery,
-                       ground_truth_root=args.names_majority)
+                       ground_truth_root=args.names_majority, objectness=args.objectness,
+                       objectness_records=records)
     how = "given" if summary["criterion"] == "given" else "by silhouette"
     print(f"{summary['images']} images, {summary['clustered']} unknown detections → "
           f"{summary['k']} clusters ({how}) in {args.output}: {GALLERY_HTML}, "
           f"{VOC_DIR}, {COCO_FILE}, {NAMES_FILE}"
-          + (f"; {len(summary['unclustered'])} too small to cluster"
+          + (f"; {len(summary['unclustered'])} not clustered (too small"
+             + (", or under the whole-object score" if args.objectness > 0 else "") + ")"
              if summary["unclustered"] else ""))
     if "purity" in summary:
         print(f"purity against {args.names_majority}: "

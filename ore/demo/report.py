@@ -227,10 +227,72 @@ def _targets_table(doc: _Doc, targets: dict) -> None:
                ("Result", "name")], rows)
 
 
+LOOP_TARGETS = {"purity": "cluster purity ≥ 85%",
+                "coverage": "never-introduced objects in a cluster ≥ 60%",
+                "new_ap50_ratio": "new classes' AP50, discovered / ground-truth labels ≥ 80%",
+                "old_map_kept": "old classes' mAP after the new task ≥ 90% of before"}
+LOOP_ROWS = {"ground_truth": "ground-truth boxes", "discovered": "discovered clusters"}
+
+
+def _pct(v) -> str:
+    return _fmt(None if v is None else 100 * v)
+
+
+def _loop_section(doc: _Doc, loop: dict, gallery: Path | None) -> None:
+    """The open-world loop (:mod:`ore.demo.loop`): discovery, then the new task learnt from
+    the discovered clusters and from ground truth."""
+    n, novel, d = loop["task"], loop["new_classes"], loop["discover"]
+    doc.heading(f"From unknowns to new classes: task {n}")
+    doc.para(f"After task {n - 1}, <code>ore discover</code> ran the final model over the "
+             f"training images of every task, clustered the detections labelled "
+             f"<i>unknown</i> and named each cluster by its members' majority ground-truth "
+             f"class (<i>ignore</i> where the majority is no object or a known class), as a "
+             f"person reviewing the gallery would. <code>ore add-task</code> then learnt the "
+             f"named clusters as task {n}; the same task learnt from the ground-truth boxes "
+             f"of {', '.join(novel)} in the same images is the reference.")
+    if "error" in d:
+        doc.para(f"Discovery found nothing to cluster: {html.escape(d['error'])}", cls="note")
+    else:
+        majorities = {}
+        for m in d["majorities"]:
+            majorities[m] = majorities.get(m, 0) + 1
+        mixed = ", ".join(f"{c}: {k}" for c, k in sorted(majorities.items()))
+        cov = " · ".join(f"{c} {_pct(v)}%" for c, v in d["coverage"].items())
+        doc.para(f"{d['members']:,} unknown detections (score ≥ "
+                 f"{loop.get('score_thresh', '–')}) in {d['k']} clusters; purity "
+                 f"{_pct(d['purity'])}%; never-introduced objects that land in a cluster: "
+                 f"{_pct(d['coverage_all'])}% ({html.escape(cov)}). Cluster majorities: "
+                 f"{html.escape(mixed)}.")
+        if gallery is not None and gallery.is_file():
+            doc.image("report_discover_gallery.png", gallery.read_bytes(), "clusters",
+                      "One row per cluster, the most typical crops first.")
+    rows = []
+    for name, label in LOOP_ROWS.items():
+        r = loop["tasks"].get(name, {})
+        if "skipped" in r:
+            rows.append([(label, "name"), (f"not learnt: {html.escape(r['skipped'])}", "name")]
+                        + [("–", "num")] * (len(novel) + 2))
+            continue
+        rows.append([(label, "name"), ("learnt", "name")]
+                    + [(_fmt(r["new_AP50"].get(c)), "num") for c in novel]
+                    + [(_fmt(r["new_mAP50"]), "num"),
+                       (f"{_fmt(loop['old_mAP_before'])} → {_fmt(r['old_mAP_after'])}", "num")])
+    doc.table([("Labels", "name"), ("Task", "name")] + [(f"{c} AP50", "") for c in novel]
+              + [("new mAP50", ""), (f"old classes' mAP (T{n - 1} → T{n})", "")], rows)
+    rows = []
+    for key, label in LOOP_TARGETS.items():
+        tgt = loop["targets"][key]
+        verdict = _verdict(tgt["pass"])
+        value = "–" if tgt["value"] is None else f"{_pct(tgt['value'])}%"
+        rows.append([(html.escape(label), "name"), (value, "num"),
+                     (f'<span class="{verdict}">{verdict}</span>', "name")])
+    doc.table([("Loop target", "name"), ("Measured", ""), ("Result", "name")], rows)
+
+
 def write_report(out_dir: str | Path, *, ore_run: str | Path, baseline_run: str | Path,
                  toy_root: str | Path | None = None, ore_config=None, samples: int = 8,
                  weights: str | Path | None = None, title: str = "ORE on the toy open world",
-                 ) -> dict:
+                 loop: dict | None = None) -> dict:
     """Write ``report.html``, ``report.md`` (+ its PNGs) and ``metrics.json`` to ``out_dir``.
 
     Args:
@@ -244,6 +306,8 @@ def write_report(out_dir: str | Path, *, ore_run: str | Path, baseline_run: str 
         weights: ORE checkpoint for the grid (default: the last task's latest
             ``model_final.pth`` in ``ore_run``).
         title: the report's heading.
+        loop: the open-world loop's figures (:func:`ore.demo.loop.run_loop`), shown with
+            its gallery and kept in ``metrics.json`` under ``"loop"``; None leaves it out.
 
     Returns:
         ``{"html": path, "md": path, "metrics": path, "images": [paths],
@@ -348,6 +412,10 @@ def write_report(out_dir: str | Path, *, ore_run: str | Path, baseline_run: str 
                                    f"image {image_id}", wrap=False))
         doc.html.append('<div class="grid">' + "".join(cells) + "</div>")
 
+    if loop is not None:
+        gallery = loop["discover"].get("gallery")
+        _loop_section(doc, loop, Path(gallery) if gallery else None)
+
     out.mkdir(parents=True, exist_ok=True)
     images = [atomic_write(out / name, lambda f, b=png: f.write(b))
               for name, png in doc.files.items()]
@@ -360,7 +428,8 @@ def write_report(out_dir: str | Path, *, ore_run: str | Path, baseline_run: str 
     final = {"ore": {t: final_stage(s) for t, s in ore.items()},
              "baseline": {t: final_stage(s) for t, s in baseline.items()}}
     metrics_path = atomic_write_json(out / "metrics.json", {
-        "ore": ore, "baseline": baseline, "final_stage": final, "targets": targets})
+        "ore": ore, "baseline": baseline, "final_stage": final, "targets": targets,
+        **({"loop": loop} if loop is not None else {})})
     log.info("report written to %s", html_path)
     return {"html": html_path, "md": md_path, "metrics": metrics_path, "images": images,
             "targets": targets}

@@ -292,6 +292,33 @@ def split_yaml(split: TaskSplit) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
+def branch_run(source: str | Path, target: str | Path) -> Path:
+    """A run folder ``target`` that shares the finished tasks of ``source``: each stage and
+    task-data folder linked, the summary and class split copied. :func:`add_task` on it
+    writes only into ``target`` (new stage folders, the summary, the split), so ``source``
+    stays as it was; a second call on the same pair leaves ``target`` as it is."""
+    source, target = Path(source).resolve(), Path(target)
+    run = RunLayout(source)
+    if not run.summary_file.is_file():
+        raise OreError(f"{source}: no {run.summary_file.name}: expected a finished "
+                       "`ore run-tasks` folder")
+    if target.exists():
+        linked = target / run.summary_file.name
+        if linked.is_file() and all((target / p.name).exists() for p in source.iterdir()
+                                    if not p.name.startswith(".")):
+            return target
+        raise OreError(f"{target} exists and is not a branch of {source}")
+    with atomic_folder(target) as tmp:
+        for entry in sorted(source.iterdir()):
+            if entry.name.startswith("."):  # locks
+                continue
+            if entry.is_dir():
+                _link(entry, tmp / entry.name)
+            else:
+                (tmp / entry.name).write_bytes(entry.read_bytes())
+    return target
+
+
 def add_task(run_dir: str | Path, labels: str | Path, names: str | Path,
              overrides: list[str] = (), evaluate: bool = True) -> dict:
     """Learn the named clusters of ``labels`` as the next task of the run in ``run_dir``;

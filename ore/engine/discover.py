@@ -45,6 +45,8 @@ from ore.data.classes import UNKNOWN
 from ore.data.images import UnreadableImage, decode_image
 from ore.data.records import VOC_IMAGE_EXTENSIONS, ImageRecord, parse_voc_xml, voc_xml
 from ore.engine.inference import Predictor
+from ore.engine.objectness import STEPS as OBJECTNESS_STEPS
+from ore.engine.objectness import score_boxes, train_objectness
 from ore.errors import OreError
 from ore.evaluation.metrics import voc_iou
 from ore.fileio import (
@@ -82,6 +84,8 @@ SHEET_TILE = 64  # tile height on the gallery.png contact sheet
 SHEET_PER_ROW = 12
 K_RANGE = (2, 12)  # the default range of k searched by silhouette (capped at n - 1)
 RESTARTS = 8  # seeded k-means restarts; the lowest inertia is kept
+# Detections under this whole-object score are not clustered (0: no score).
+DEFAULT_OBJECTNESS = 0.0
 SILHOUETTE_ROWS = 4000  # points whose silhouettes are averaged (each against all n)
 _SAFE_STEM = re.compile(r"[^\w.\-]")
 
@@ -110,6 +114,12 @@ def check_k(k: int | None, k_range: tuple[int, int] | None) -> None:
                        "from by silhouette)")
     if k is not None and k < 2:
         raise OreError(f"--k {k}: expected an integer ≥ 2 (clusters of unknowns)")
+
+
+def check_objectness(threshold: float) -> None:
+    if not 0.0 <= threshold < 1.0:
+        raise OreError(f"--objectness {threshold}: expected a whole-object score threshold "
+                       "in [0, 1) (0: off)")
 
 
 def load_ground_truth(root: str | Path, images: list[Path]) -> list[ImageRecord]:
@@ -143,6 +153,8 @@ class Unknowns:
         scores: float32 [n] the unknown class's score.
         features: float32 [n, D] L2-normalised RoI features.
         unreadable: {"image", "error"} per input that could not be read.
+        objectness: float32 [n] the whole-object score of each box, once scored
+            (:func:`filter_whole_objects`), else None.
     """
 
     images: list[Path]
@@ -152,13 +164,15 @@ class Unknowns:
     scores: np.ndarray
     features: np.ndarray
     unreadable: list[dict] = field(default_factory=list)
+    objectness: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.image)
 
     def take(self, index: np.ndarray) -> Unknowns:
         return Unknowns(self.images, self.sizes, self.image[index], self.boxes[index],
-                        self.scores[index], self.features[index], self.unreadable)
+                        self.scores[index], self.features[index], self.unreadable,
+                        None if self.objectness is None else self.objectness[index])
 
 
 def check_discover_model(cfg) -> None:
@@ -232,6 +246,30 @@ def drop_unusable(unknowns: Unknowns) -> tuple[Unknowns, list[dict]]:
                 "reason": f"box under {MIN_BOX_SIDE:g} pixels on a side"}
                for i in np.flatnonzero(tiny)]
     return unknowns.take(np.flatnonzero(~tiny)), dropped
+
+
+def filter_whole_objects(unknowns: Unknowns, records: list[ImageRecord], threshold: float, *,
+                         seed: int = 0, steps: int = OBJECTNESS_STEPS, max_pixels: int = 0
+                         ) -> tuple[Unknowns, list[dict]]:
+    """(the detections whose whole-object score is at least ``threshold``, each with its
+    score, and each dropped one with its reason). The score is learnt from ``records``, the
+    run's labelled training images (:mod:`ore.engine.objectness`)."""
+    model = train_objectness(records, steps=steps, seed=seed, max_pixels=max_pixels)
+    score = np.zeros(len(unknowns), np.float32)
+    for im in tqdm(np.unique(unknowns.image).tolist(), desc="whole-object score",
+                   unit="image"):
+        idx = np.flatnonzero(unknowns.image == im)
+        score[idx] = score_boxes(model, decode_image(unknowns.images[im], max_pixels),
+                                 unknowns.boxes[idx])
+    scored = Unknowns(unknowns.images, unknowns.sizes, unknowns.image, unknowns.boxes,
+                      unknowns.scores, unknowns.features, unknowns.unreadable, score)
+    low = score < threshold
+    dropped = [{"image": str(unknowns.images[unknowns.image[i]]),
+                "box": np.round(unknowns.boxes[i].astype(np.float64), 2).tolist(),
+                "score": round(float(unknowns.scores[i]), 4),
+                "reason": f"whole-object score {score[i]:.3f} under {threshold:g}"}
+               for i in np.flatnonzero(low)]
+    return scored.take(np.flatnonzero(~low)), dropped
 
 
 # --- clustering ---------------------------------------------------------------------------
@@ -725,7 +763,9 @@ def build_outputs(unknowns: Unknowns, clustering: Clustering, *, gallery_per_clu
         return {"image": str(unknowns.images[unknowns.image[i]]),
                 "box": np.round(unknowns.boxes[i].astype(np.float64), 2).tolist(),
                 "score": round(float(unknowns.scores[i]), 4),
-                "distance": round(float(clustering.distance[i]), 4)}
+                "distance": round(float(clustering.distance[i]), 4),
+                **({} if unknowns.objectness is None
+                   else {"objectness": round(float(unknowns.objectness[i]), 4)})}
 
     clusters, shown, sheet_rows = [], {}, []
     for c, m in enumerate(members):
@@ -804,11 +844,18 @@ def _label_exports(unknowns: Unknowns, clustering: Clustering) -> dict[str, byte
 def discover(predictor: Predictor, paths: list[Path], output: str | Path, *,
              k: int | None = None, k_range: tuple[int, int] | None = None, seed: int = 0,
              batch_size: int = 4, gallery_per_cluster: int = 20,
-             ground_truth_root: str | Path | None = None) -> dict:
+             ground_truth_root: str | Path | None = None, objectness: float = 0.0,
+             objectness_records: list[ImageRecord] | None = None,
+             objectness_steps: int = OBJECTNESS_STEPS) -> dict:
     """Detect, cluster the unknowns and write the output folder (module docstring).
+    With ``objectness`` > 0, only detections whose whole-object score (learnt from
+    ``objectness_records``, the run's labelled training images) reaches it are clustered.
     Returns the ``clusters.json`` summary, with ``purity`` when ground truth is given.
     Inputs and the output folder are checked before the detector runs."""
     check_k(k, k_range)
+    check_objectness(objectness)
+    if objectness > 0 and not objectness_records:
+        raise OreError("the whole-object score needs the run's labelled training images")
     if gallery_per_cluster < 1:
         raise OreError(f"--max-per-cluster-gallery {gallery_per_cluster}: expected ≥ 1")
     paths = list(dict.fromkeys(Path(p) for p in paths))  # an image named twice counts once
@@ -817,10 +864,16 @@ def discover(predictor: Predictor, paths: list[Path], output: str | Path, *,
     found = collect_unknowns(predictor, paths, batch_size)
     kept, dropped = drop_unusable(found)
     n_images = len(found.images)
+    if objectness > 0 and len(kept):
+        kept, low = filter_whole_objects(kept, objectness_records, objectness, seed=seed,
+                                         steps=objectness_steps,
+                                         max_pixels=predictor.cfg.INPUT.MAX_PIXELS)
+        dropped = [*dropped, *low]
     if len(kept) == 0:
         raise OreError(f"no detection labelled {UNKNOWN} in {n_images} images is usable "
-                       f"({len(dropped)} dropped: {dropped[0]['reason']}); lower "
-                       "--score-thresh or check the run's task")
+                       f"({len(dropped)} dropped, e.g. {dropped[-1]['reason']}); lower "
+                       "--score-thresh" + (" or --objectness" if objectness > 0 else "")
+                       + " or check the run's task")
     if k is not None and k > len(kept):
         raise OreError(f"--k {k} is more than the {len(kept)} detections labelled {UNKNOWN} "
                        f"in {n_images} images; choose --k ≤ {len(kept)}")

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ore.config import load_config
 from ore.engine.metrics_log import FILE as METRICS_FILE
 from ore.errors import OreError
 from ore.fileio import atomic_write_json, read_json
@@ -216,3 +217,14 @@ def find_run_stage(run: str | Path, stage: str | None = None) -> RunStage:
             raise OreError(f"--run {run}: {folder / name} not found (the stage is not finished)")
     return RunStage(folder, folder / CONFIG, folder / FINAL,
                     RunLayout.stage_energy_file(folder))
+
+
+def stage_config(stage: RunStage, overrides: list[str] = ()):
+    """The config a detector of ``stage`` runs with: its saved config, EBUI on with the
+    stage's energy fit when it has one and the head is ORE's, then ``overrides`` (they
+    come last and win)."""
+    cfg = load_config(stage.config, list(overrides))
+    if stage.energy_fit is not None and cfg.MODEL.ROI_HEADS.NAME == "ore":
+        ebui = ["EBUI.ENABLED=true", f"EBUI.FIT_FILE={stage.energy_fit}"]
+        cfg = load_config(stage.config, [*ebui, *overrides])
+    return cfg
