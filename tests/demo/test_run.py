@@ -1,5 +1,6 @@
 """End to end: `ore demo --quick` writes the toy world, runs ORE and the baseline on all
-four tasks (train, finetune, energy fit, evaluation) and writes the report."""
+four tasks (train, finetune, energy fit, evaluation), closes the open-world loop (discover,
+task 5 from ground-truth labels beside the discovered ones) and writes the report."""
 
 from __future__ import annotations
 
@@ -26,3 +27,18 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
                 "energy_fit.json").is_file()
     assert set(metrics["targets"]) >= {"t1", "t2", "t3", "t4"}
     assert "report.html" in capsys.readouterr().out
+
+    # The loop: task 5 learnt on branches, the ORE run itself left at four tasks.
+    loop = metrics["loop"]
+    assert loop["task"] == 5 and loop["new_classes"] == ["spiral", "hourglass", "bolt"]
+    assert not (out / "ore" / "t5_train").exists()
+    assert json.loads((out / "ore" / "summary.json").read_text()).keys() == set(ore)
+    gt = loop["tasks"]["ground_truth"]
+    t5 = json.loads((out / "loop" / "t5-ground-truth" / "summary.json").read_text())["t5"]
+    assert gt["old_mAP_after"] == t5[t5["reported"]]["known_mAP_prev"]
+    assert set(gt["new_AP50"]) == {"spiral", "hourglass", "bolt"}
+    assert (out / "loop" / "t5-ground-truth" / "t4_ft").is_symlink()
+    disc = loop["tasks"]["discovered"]
+    assert ("skipped" in disc) != ("new_AP50" in disc)
+    assert "From unknowns to new classes: task 5" in html
+    assert set(loop["targets"]) == {"purity", "coverage", "new_ap50_ratio", "old_map_kept"}
