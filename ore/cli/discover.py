@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
                        "image files")
     check_detect_paths([*inputs, *paths], args.output, ())
     check_discover_output(args.output)
-    records = run_training_records(args.run) if args.objectness > 0 else None
+    records = (run_training_records(args.run, cfg.OWOD.TASK) if args.objectness > 0
+               else None)
     predictor = Predictor(cfg, weights, args.score_thresh)
     summary = discover(predictor, paths, args.output, k=args.k, k_range=k_range,
                        seed=args.seed, batch_size=args.batch_size,

@@ -95,8 +95,12 @@ def run_loop(out: Path, ore_run: Path, world: Path, *, seed: int) -> dict:
     images = training_images(world, split)
     found = _discover(ore_run, world, images, loop / DISCOVER_DIR, seed)
     gt = ground_truth_labels(world, images, split.never_introduced, loop / GT_LABELS_DIR)
-    labels = {"ground_truth": (gt, gt / NAMES_FILE)}
-    skipped = {}
+    labels, skipped = {}, {}
+    if any((gt / "Annotations").iterdir()):
+        labels["ground_truth"] = (gt, gt / NAMES_FILE)
+    else:
+        skipped["ground_truth"] = (f"no object of {', '.join(split.never_introduced)} in the "
+                                   "training images")
     if "error" in found:
         skipped["discovered"] = found["error"]
     else:

@@ -235,7 +235,8 @@ LOOP_ROWS = {"ground_truth": "ground-truth boxes", "discovered": "discovered clu
 
 
 def _pct(v) -> str:
-    return _fmt(None if v is None else 100 * v)
+    """A fraction as a percentage, "–" when missing."""
+    return "–" if v is None else f"{_fmt(100 * v)}%"
 
 
 def _loop_section(doc: _Doc, loop: dict, gallery: Path | None) -> None:
@@ -257,11 +258,11 @@ def _loop_section(doc: _Doc, loop: dict, gallery: Path | None) -> None:
         for m in d["majorities"]:
             majorities[m] = majorities.get(m, 0) + 1
         mixed = ", ".join(f"{c}: {k}" for c, k in sorted(majorities.items()))
-        cov = " · ".join(f"{c} {_pct(v)}%" for c, v in d["coverage"].items())
+        cov = " · ".join(f"{c} {_pct(v)}" for c, v in d["coverage"].items())
         doc.para(f"{d['members']:,} unknown detections (score ≥ "
                  f"{loop.get('score_thresh', '–')}) in {d['k']} clusters; purity "
-                 f"{_pct(d['purity'])}%; never-introduced objects that land in a cluster: "
-                 f"{_pct(d['coverage_all'])}% ({html.escape(cov)}). Cluster majorities: "
+                 f"{_pct(d['purity'])}; never-introduced objects that land in a cluster: "
+                 f"{_pct(d['coverage_all'])} ({html.escape(cov)}). Cluster majorities: "
                  f"{html.escape(mixed)}.")
         if gallery is not None and gallery.is_file():
             doc.image("report_discover_gallery.png", gallery.read_bytes(), "clusters",
@@ -283,8 +284,7 @@ def _loop_section(doc: _Doc, loop: dict, gallery: Path | None) -> None:
     for key, label in LOOP_TARGETS.items():
         tgt = loop["targets"][key]
         verdict = _verdict(tgt["pass"])
-        value = "–" if tgt["value"] is None else f"{_pct(tgt['value'])}%"
-        rows.append([(html.escape(label), "name"), (value, "num"),
+        rows.append([(html.escape(label), "name"), (_pct(tgt["value"]), "num"),
                      (f'<span class="{verdict}">{verdict}</span>', "name")])
     doc.table([("Loop target", "name"), ("Measured", ""), ("Result", "name")], rows)
 

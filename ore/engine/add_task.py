@@ -194,12 +194,16 @@ class RunTask:
 
 
 def last_task(run: RunLayout, before: int | None = None) -> RunTask:
-    """The run's last task with a training config (or the last one before ``before``)."""
+    """The run's last task with a training config (or the last one before ``before``).
+    An added task whose training was interrupted before it wrote any weights does not
+    count: adding it again resumes it."""
     if not run.root.is_dir():
         raise OreError(f"--run {run.root}: not a folder")
     t = 0
     while (run.stage_dir(t + 1, "train") / CONFIG).is_file() and (before is None
                                                                    or t + 1 < before):
+        if (run.root / f"t{t + 1}_data").is_dir() and run.find_weights(t + 1) is None:
+            break
         t += 1
     if t == 0:
         raise OreError(f"--run {run.root}: no t1_train/{CONFIG}: expected an `ore run-tasks` "

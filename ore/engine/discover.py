@@ -31,7 +31,7 @@ import logging
 import os
 import re
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -235,16 +235,21 @@ def collect_unknowns(predictor: Predictor, paths: list[Path], batch_size: int = 
         unreadable=unreadable)
 
 
+def _dropped(unknowns: Unknowns, drop: np.ndarray, reason) -> list[dict]:
+    """The ``unclustered`` entry of each detection where ``drop`` [n] is true;
+    ``reason(i)`` says why detection i is left out."""
+    return [{"image": str(unknowns.images[unknowns.image[i]]),
+             "box": np.round(unknowns.boxes[i].astype(np.float64), 2).tolist(),
+             "score": round(float(unknowns.scores[i]), 4), "reason": reason(i)}
+            for i in np.flatnonzero(drop)]
+
+
 def drop_unusable(unknowns: Unknowns) -> tuple[Unknowns, list[dict]]:
     """(the detections that are clustered, and each dropped one with its reason): a box
     under :data:`MIN_BOX_SIDE` pixels on a side gives no crop to name."""
     wh = unknowns.boxes[:, 2:] - unknowns.boxes[:, :2]  # [n, 2]
     tiny = (wh < MIN_BOX_SIDE).any(1)
-    dropped = [{"image": str(unknowns.images[unknowns.image[i]]),
-                "box": np.round(unknowns.boxes[i].astype(np.float64), 2).tolist(),
-                "score": round(float(unknowns.scores[i]), 4),
-                "reason": f"box under {MIN_BOX_SIDE:g} pixels on a side"}
-               for i in np.flatnonzero(tiny)]
+    dropped = _dropped(unknowns, tiny, lambda i: f"box under {MIN_BOX_SIDE:g} pixels on a side")
     return unknowns.take(np.flatnonzero(~tiny)), dropped
 
 
@@ -256,19 +261,16 @@ def filter_whole_objects(unknowns: Unknowns, records: list[ImageRecord], thresho
     run's labelled training images (:mod:`ore.engine.objectness`)."""
     model = train_objectness(records, steps=steps, seed=seed, max_pixels=max_pixels)
     score = np.zeros(len(unknowns), np.float32)
-    for im in tqdm(np.unique(unknowns.image).tolist(), desc="whole-object score",
-                   unit="image"):
-        idx = np.flatnonzero(unknowns.image == im)
-        score[idx] = score_boxes(model, decode_image(unknowns.images[im], max_pixels),
-                                 unknowns.boxes[idx])
-    scored = Unknowns(unknowns.images, unknowns.sizes, unknowns.image, unknowns.boxes,
-                      unknowns.scores, unknowns.features, unknowns.unreadable, score)
+    order = np.argsort(unknowns.image, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(unknowns.image[order]) != 0])
+    for idx in tqdm(np.split(order, starts[1:]) if len(order) else [],
+                    desc="whole-object score", unit="image"):
+        image = decode_image(unknowns.images[unknowns.image[idx[0]]], max_pixels)
+        score[idx] = score_boxes(model, image, unknowns.boxes[idx])
+    scored = replace(unknowns, objectness=score)
     low = score < threshold
-    dropped = [{"image": str(unknowns.images[unknowns.image[i]]),
-                "box": np.round(unknowns.boxes[i].astype(np.float64), 2).tolist(),
-                "score": round(float(unknowns.scores[i]), 4),
-                "reason": f"whole-object score {score[i]:.3f} under {threshold:g}"}
-               for i in np.flatnonzero(low)]
+    dropped = _dropped(unknowns, low,
+                       lambda i: f"whole-object score {score[i]:.3f} under {threshold:g}")
     return scored.take(np.flatnonzero(~low)), dropped
 
 

@@ -38,7 +38,6 @@ from ore.data.dataset import image_to_tensor, voc_to_model_boxes
 from ore.data.images import UnreadableImage, decode_image
 from ore.data.records import ImageRecord, load_dataset_split
 from ore.engine.layout import CONFIG, RunLayout
-from ore.engine.runtime import seed_everything
 from ore.errors import OreError
 from ore.modeling.objectness import CROP_SIZE, BoxObjectness, crop_boxes
 
@@ -96,15 +95,20 @@ def sample_boxes(gt: torch.Tensor, height: int, width: int, generator: torch.Gen
     return torch.cat(out_boxes), torch.cat(out_labels)
 
 
-def run_training_records(run: str | Path) -> list[ImageRecord]:
+def run_training_records(run: str | Path, up_to_task: int | None = None
+                         ) -> list[ImageRecord]:
     """The labelled images of every training stage of ``run`` (``tN_train`` of an
-    ``ore run-tasks`` folder, or the ``ore train`` folder itself), as each stage saw them:
-    its list, its task's classes. An image of several lists keeps every stage's boxes."""
+    ``ore run-tasks`` folder, N ≤ ``up_to_task`` when given, or the ``ore train`` folder
+    itself), as each stage saw them: its list, its task's classes. An image of several
+    lists keeps every stage's boxes."""
     root = Path(run)
     layout = RunLayout(root)
-    configs = ([root / CONFIG] if (root / CONFIG).is_file() else
-               [layout.stage_dir(t, "train") / CONFIG for t in range(1, 1000)
-                if (layout.stage_dir(t, "train") / CONFIG).is_file()])
+    configs = [root / CONFIG] if (root / CONFIG).is_file() else []
+    t = 1
+    while (not (root / CONFIG).is_file() and (layout.stage_dir(t, "train") / CONFIG).is_file()
+           and (up_to_task is None or t <= up_to_task)):
+        configs.append(layout.stage_dir(t, "train") / CONFIG)
+        t += 1
     if not configs:
         raise OreError(f"--run {run}: no {CONFIG} nor t1_train/{CONFIG}: no training labels "
                        "to learn the whole-object score from")
@@ -155,9 +159,16 @@ def collect_crops(records: list[ImageRecord], seed: int, max_pixels: int = 0
 def train_objectness(records: list[ImageRecord], *, steps: int = STEPS, seed: int = 0,
                      max_pixels: int = 0) -> BoxObjectness:
     """The whole-object score learnt from ``records`` (module docstring), in eval mode.
-    Deterministic for a seed on one thread."""
+    Deterministic for a seed on one thread; the global random state is left untouched."""
+    if steps < 1:
+        raise ValueError(f"steps must be ≥ 1, got {steps}")
     crops, labels = collect_crops(records, seed, max_pixels)
-    seed_everything(seed)
+    with torch.random.fork_rng():  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        return _train(crops, labels, steps, seed)
+
+
+def _train(crops: torch.Tensor, labels: torch.Tensor, steps: int, seed: int) -> BoxObjectness:
     model = BoxObjectness()
     aug = BatchAugment(CROP_SIZE, scale=(0.85, 1.0), jitter=(0.6, 0.6, 0.6, 0.3),
                        jitter_prob=0.8, gray_prob=0.3)

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from ore.cli import main
-from ore.config import CONFIG_ROOT
+from ore.config import CONFIG_ROOT, config_to_yaml
 from ore.data.classes import TOY_TASKS, load_task_split
 from ore.data.records import load_voc_split, parse_voc_xml, voc_xml
 from ore.engine.tasks import run_tasks
@@ -181,3 +181,42 @@ def test_bad_labels_and_names_are_one_line_before_any_work(two_task_run, toy_roo
     os.symlink(Path(r.file_name).resolve(), leak / "JPEGImages" / f"{test_id}.jpg")
     assert "would leak into the evaluation" in err(leak, names({"cluster_00": "hourglass"}))
     assert sorted(p.name for p in run.iterdir()) == before  # nothing written
+
+
+def test_an_added_task_interrupted_before_its_first_weights_resumes(two_task_run, toy_root,
+                                                                      tmp_path, monkeypatch):
+    from ore.engine import tasks
+    from ore.engine.add_task import add_task, branch_run
+
+    source, _ = two_task_run
+    run = branch_run(source, tmp_path / "branch")
+    summary = json.loads((run / "summary.json").read_text())
+    for t in [k for k in summary if k not in ("t1", "t2")]:  # back to two tasks
+        del summary[t]
+        for stage in ("train", "ft", "data"):
+            if (run / f"{t}_{stage}").is_symlink():
+                (run / f"{t}_{stage}").unlink()
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "classes.yaml").unlink(missing_ok=True)
+    labels = _labels(tmp_path, toy_root)
+    names = tmp_path / "names.yaml"
+    names.write_text(yaml.safe_dump(NEW))
+
+    class Interrupted(Exception):
+        pass
+
+    class StopsAtStart(tasks.Trainer):
+        def run(self):  # writes the stage's config, as training starts, then stops
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(config_to_yaml(self.cfg))
+            raise Interrupted
+
+    monkeypatch.setattr(tasks, "Trainer", StopsAtStart)
+    with pytest.raises(Interrupted):
+        add_task(run, labels, names, TINY, evaluate=False)
+    assert (run / "t3_train" / "config.yaml").is_file()
+    assert not (run / "t3_train" / "model_final.pth").exists()
+    monkeypatch.undo()
+    add_task(run, labels, names, TINY, evaluate=False)  # resumes task 3, adds no task 4
+    assert (run / "t3_ft" / "model_final.pth").is_file() and not (run / "t4_data").exists()
+    assert json.loads((source / "summary.json").read_text()).keys() >= {"t1", "t2"}

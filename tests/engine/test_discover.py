@@ -400,6 +400,10 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, tiny_run, images, capsy
         assert f"--k-range '{bad}': expected LOW:HIGH" in user_error(
             capsys, [*base, "--k-range", bad])
     assert "give one of them" in user_error(capsys, [*base, "--k", "3", "--k-range", "2:4"])
+    for bad in ("1.0", "-0.1"):
+        assert user_error(capsys, [*base, "--objectness", bad]) == (
+            f"error: --objectness {float(bad)}: expected a whole-object score threshold in "
+            "[0, 1) (0: off)")
     assert user_error(capsys, [*base, "--score-thresh", "1.0"]) == (
         "error: no detection labelled unknown in 5 images; lower --score-thresh or check the "
         "run's task")

@@ -127,28 +127,57 @@ def test_the_run_training_labels_are_every_stage_list_with_its_classes(tmp_path,
                 expected.setdefault(r.file_name, []).extend(names)
     assert {r.file_name: r.names for r in records} == expected
     assert all(len(r.boxes) == len(r.names) for r in records)
+    # A model of task 1 learns from task 1's labels only.
+    first = run_training_records(run, up_to_task=1)
+    cfg = load_config(run / "t1_train" / "config.yaml")
+    split = load_task_split(cfg.DATASETS.CLASSES)
+    assert {r.file_name for r in first} == {
+        r.file_name for r in load_dataset_split(cfg.DATASETS, cfg.DATASETS.TRAIN, split, 1,
+                                                cfg.DATASETS.TRAIN_ROLE) if r.names}
+    assert {n for r in first for n in r.names} <= set(split.seen(1))
     with pytest.raises(OreError, match="no training labels"):
         run_training_records(tmp_path / "configs")
 
 
-def test_discover_keeps_the_boxes_at_or_over_the_threshold(toy_root):
+def test_discover_keeps_the_boxes_at_or_over_the_threshold(toy_root, monkeypatch):
+    from ore.engine import discover as disc
+
     split = load_task_split(toy_root / "classes.yaml")
     records = load_voc_split(toy_root, "t1_train", split)[:6]
     images = [r.file_name for r in records]
-    boxes = np.concatenate([voc_to_model_boxes(r.boxes) for r in records])
-    image = np.repeat(np.arange(len(records)), [len(r.names) for r in records])
+    boxes = np.concatenate([voc_to_model_boxes(r.boxes) for r in records]).astype(np.float32)
+    counts = [len(r.names) for r in records]
+    image = np.repeat(np.arange(len(records)), counts)
     n = len(boxes)
+    # Rows of the images interleaved, as no detector returns them: grouping must hold.
+    shuffle = np.random.default_rng(0).permutation(n)
+    boxes, image = boxes[shuffle], image[shuffle]
     unknowns = Unknowns(images=images, sizes=np.array([[r.height, r.width] for r in records]),
-                        image=image, boxes=boxes.astype(np.float32),
-                        scores=np.linspace(0.1, 0.9, n).astype(np.float32),
+                        image=image, boxes=boxes, scores=np.linspace(0.1, 0.9, n, dtype=np.float32),
                         features=np.eye(n, 4, dtype=np.float32))
-    kept, dropped = filter_whole_objects(unknowns, records, 0.5, steps=20, seed=0)
-    assert len(kept) + len(dropped) == n
-    assert kept.objectness is not None and (kept.objectness >= 0.5).all()
-    assert all("whole-object score" in d["reason"] and "under 0.5" in d["reason"]
-               for d in dropped)
-    # The kept rows are the original rows, in order.
-    rows = [i for i in range(n) if not any(
-        d["image"] == str(images[image[i]]) and d["box"] == np.round(
-            boxes[i].astype(np.float64), 2).tolist() for d in dropped)]
+    # A score fixed by the box (its width over 100) stands for the learnt one.
+    monkeypatch.setattr(disc, "train_objectness", lambda *a, **k: "model")
+    seen = []
+
+    def fixed(model, rgb, b):
+        seen.append(len(b))
+        return ((b[:, 2] - b[:, 0]) / 100).astype(np.float32)
+
+    monkeypatch.setattr(disc, "score_boxes", fixed)
+    kept, dropped = filter_whole_objects(unknowns, records, 0.3)
+    width = (boxes[:, 2] - boxes[:, 0]) / 100
+    rows = np.flatnonzero(width >= 0.3)
+    assert 0 < len(rows) < n  # both kept and dropped boxes
+    assert sorted(seen) == sorted(counts)  # each image decoded and scored once
     assert np.array_equal(kept.boxes, boxes[rows]) and np.array_equal(kept.image, image[rows])
+    assert np.allclose(kept.objectness, width[rows])
+    assert len(dropped) == n - len(rows)
+    assert all(d["reason"].startswith("whole-object score 0.") and "under 0.3" in d["reason"]
+               for d in dropped)
+    assert [d["box"] for d in dropped] == [
+        np.round(boxes[i].astype(np.float64), 2).tolist() for i in np.flatnonzero(width < 0.3)]
+
+
+def test_training_steps_must_be_positive():
+    with pytest.raises(ValueError, match="steps must be"):
+        train_objectness([], steps=0)
