@@ -15,6 +15,7 @@ from ore.engine.discover import (
     DEFAULT_OBJECTNESS,
     GALLERY_HTML,
     NAMES_FILE,
+    NAMES_FROM,
     VOC_DIR,
     check_discover_model,
     check_discover_output,
@@ -61,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a VOC root with the images' ground truth (Annotations/<stem>.xml): "
                         "name each cluster by its members' majority class and write "
                         "purity.json")
+    p.add_argument("--names-from", choices=NAMES_FROM, default="members",
+                   help="with --names-majority: name a cluster by the majority of all its "
+                        "members (default) or of the crops its gallery row shows")
     add_batch_size(p)
     p.set_defaults(config=None, weights=None)  # model_source reads them; discover takes --run
 
@@ -94,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
                        seed=args.seed, batch_size=args.batch_size,
                        gallery_per_cluster=args.max_per_cluster_gallery,
                        ground_truth_root=args.names_majority, objectness=args.objectness,
-                       objectness_records=records)
+                       objectness_records=records, names_from=args.names_from)
     how = "given" if summary["criterion"] == "given" else "by silhouette"
     print(f"{summary['images']} images, {summary['clustered']} unknown detections → "
           f"{summary['k']} clusters ({how}) in {args.output}: {GALLERY_HTML}, "

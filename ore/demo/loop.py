@@ -1,9 +1,10 @@
 """The open-world loop, after the last task: discover the unknowns, name them, learn them.
 
 1. ``ore discover`` over the training images of every task with the run's final model
-   (EBUI on): the unknown detections clustered, a gallery, and each cluster named by the
-   majority ground-truth class of its members (``ignore`` for ``none`` and for a class the
-   run knows), as a person reviewing the gallery would rename them;
+   (EBUI on, the whole-object score on): the unknown detections clustered, a gallery, and
+   each cluster named by the majority ground-truth class of the crops its gallery row
+   shows (``ignore`` for ``none`` and for a class the run knows), as a person reviewing
+   the gallery would name it;
 2. task t + 1 learnt by ``ore add-task`` from those clusters, on a branch of the run;
 3. the same task learnt from the ground-truth boxes of the never-introduced classes in the
    same images (the reference), on a second branch, side by side with 2.
@@ -29,6 +30,8 @@ from ore.engine.add_task import add_task, branch_run, read_labels, read_names
 from ore.engine.discover import GALLERY_PNG, IGNORE, NAMES_FILE, PURITY_FILE, VOC_DIR, discover
 from ore.engine.inference import Predictor
 from ore.engine.layout import RunLayout, final_metrics, find_run_stage, stage_config, task_key
+from ore.engine.objectness import STEPS as OBJECTNESS_STEPS
+from ore.engine.objectness import run_training_records
 from ore.errors import OreError
 from ore.fileio import atomic_folder, read_json, read_yaml
 
@@ -36,9 +39,16 @@ LOOP_DIR = "loop"
 DISCOVER_DIR = "discover"
 GT_LABELS_DIR = "ground-truth-labels"
 BRANCHES = {"discovered": "t{n}-discovered", "ground_truth": "t{n}-ground-truth"}
-# Unknown detections from this score are clustered: of 0.1, 0.3 and 0.5 on the toy world,
-# 0.1 reached the most never-introduced objects (README, discovering new classes).
-DISCOVER_SCORE = 0.1
+# How discover runs here (README, discovering new classes, has the measurements): unknown
+# detections from score 0.05 whose whole-object score reaches 0.7, in 40 clusters (k by
+# silhouette on the quick world, which has too few), each named by the majority class of
+# the crops its gallery row shows, as a person reviewing the gallery would name it; named
+# by all of its members instead, no cluster of the toy world gets a new class's name.
+DISCOVER_SCORE = 0.05
+OBJECTNESS = 0.7
+CLUSTERS = 40
+NAMES_FROM = "gallery"
+QUICK_OBJECTNESS_STEPS = 300  # the quick demo is a smoke test
 # Targets of the loop on the toy world.
 PURITY_MIN = 0.85
 COVERAGE_MIN = 0.60
@@ -75,25 +85,31 @@ def ground_truth_labels(world: Path, images: list[Path], classes: tuple[str, ...
     return folder
 
 
-def _discover(run: Path, world: Path, images: list[Path], folder: Path, seed: int) -> dict:
+def _discover(run: Path, world: Path, images: list[Path], folder: Path, seed: int,
+              quick: bool) -> dict:
     """discover's summary (read back when it finished before), or ``{"error": line}``."""
     if (folder / PURITY_FILE).is_file():
         return {"purity": read_json(folder / PURITY_FILE)}
     try:
         stage = find_run_stage(run)
-        predictor = Predictor(stage_config(stage), str(stage.weights), DISCOVER_SCORE)
-        return discover(predictor, images, folder, seed=seed, ground_truth_root=world)
+        cfg = stage_config(stage)
+        predictor = Predictor(cfg, str(stage.weights), DISCOVER_SCORE)
+        return discover(predictor, images, folder, seed=seed, ground_truth_root=world,
+                        k=None if quick else CLUSTERS, objectness=OBJECTNESS,
+                        objectness_records=run_training_records(run, cfg.OWOD.TASK),
+                        objectness_steps=QUICK_OBJECTNESS_STEPS if quick else OBJECTNESS_STEPS,
+                        names_from=NAMES_FROM)
     except OreError as exc:  # e.g. no unknown detection at all: the report says so
         return {"error": str(exc)}
 
 
-def run_loop(out: Path, ore_run: Path, world: Path, *, seed: int) -> dict:
+def run_loop(out: Path, ore_run: Path, world: Path, *, seed: int, quick: bool = False) -> dict:
     """Steps 1–3 of the module docstring; returns :func:`loop_figures`' dict."""
     loop = out / LOOP_DIR
     split = load_task_split(world / "classes.yaml")
     n = split.num_tasks + 1
     images = training_images(world, split)
-    found = _discover(ore_run, world, images, loop / DISCOVER_DIR, seed)
+    found = _discover(ore_run, world, images, loop / DISCOVER_DIR, seed, quick)
     gt = ground_truth_labels(world, images, split.never_introduced, loop / GT_LABELS_DIR)
     labels, skipped = {}, {}
     if any((gt / "Annotations").iterdir()):
@@ -138,7 +154,8 @@ def loop_figures(loop: Path, ore_run: Path, split: TaskSplit, found: dict,
     old_before = None if before is None else before.get("known_mAP_both")
     folder = loop / DISCOVER_DIR
     result: dict = {"task": n, "new_classes": novel, "old_mAP_before": old_before,
-                    "score_thresh": DISCOVER_SCORE,
+                    "score_thresh": DISCOVER_SCORE, "objectness": OBJECTNESS,
+                    "names_from": NAMES_FROM,
                     "discover": {"folder": str(folder), "gallery": str(folder / GALLERY_PNG)},
                     "tasks": {}}
     if "error" in found:
@@ -154,6 +171,10 @@ def loop_figures(loop: Path, ore_run: Path, split: TaskSplit, found: dict,
             coverage={c: cov[c]["coverage"] if c in cov else None for c in novel},
             coverage_all=covered / objects if objects else None,
             majorities=[c["majority"] for c in purity["clusters"]])
+        names_file = folder / NAMES_FILE
+        if names_file.is_file():
+            given = list((read_yaml(names_file) or {}).values())
+            result["discover"]["names"] = {v: given.count(v) for v in sorted(set(given))}
     for name, branch in BRANCHES.items():
         if name in skipped:
             result["tasks"][name] = {"skipped": skipped[name]}

@@ -244,13 +244,16 @@ def _loop_section(doc: _Doc, loop: dict, gallery: Path | None) -> None:
     the discovered clusters and from ground truth."""
     n, novel, d = loop["task"], loop["new_classes"], loop["discover"]
     doc.heading(f"From unknowns to new classes: task {n}")
+    whose = ("the crops its gallery row shows" if loop.get("names_from") == "gallery"
+             else "its members")
     doc.para(f"After task {n - 1}, <code>ore discover</code> ran the final model over the "
              f"training images of every task, clustered the detections labelled "
-             f"<i>unknown</i> and named each cluster by its members' majority ground-truth "
-             f"class (<i>ignore</i> where the majority is no object or a known class), as a "
-             f"person reviewing the gallery would. <code>ore add-task</code> then learnt the "
-             f"named clusters as task {n}; the same task learnt from the ground-truth boxes "
-             f"of {', '.join(novel)} in the same images is the reference.")
+             f"<i>unknown</i> and named each cluster by the majority ground-truth class of "
+             f"{whose} (<i>ignore</i> where the majority is no object or a known class), as "
+             f"a person reviewing the gallery would. <code>ore add-task</code> then learnt "
+             f"the named clusters as task {n}; the same task learnt from the ground-truth "
+             f"boxes of {', '.join(novel)} in the same images is the reference. Purity and "
+             f"coverage count every member of every cluster.")
     if "error" in d:
         doc.para(f"Discovery found nothing to cluster: {html.escape(d['error'])}", cls="note")
     else:
@@ -259,11 +262,14 @@ def _loop_section(doc: _Doc, loop: dict, gallery: Path | None) -> None:
             majorities[m] = majorities.get(m, 0) + 1
         mixed = ", ".join(f"{c}: {k}" for c, k in sorted(majorities.items()))
         cov = " · ".join(f"{c} {_pct(v)}" for c, v in d["coverage"].items())
-        doc.para(f"{d['members']:,} unknown detections (score ≥ "
-                 f"{loop.get('score_thresh', '–')}) in {d['k']} clusters; purity "
+        score = f"score ≥ {loop.get('score_thresh', '–')}" + (
+            f", whole-object score ≥ {loop['objectness']}" if loop.get("objectness") else "")
+        doc.para(f"{d['members']:,} unknown detections ({score}) in {d['k']} clusters; purity "
                  f"{_pct(d['purity'])}; never-introduced objects that land in a cluster: "
-                 f"{_pct(d['coverage_all'])} ({html.escape(cov)}). Cluster majorities: "
-                 f"{html.escape(mixed)}.")
+                 f"{_pct(d['coverage_all'])} ({html.escape(cov)}). Majorities of all "
+                 f"members: {html.escape(mixed)}."
+                 + ("" if "names" not in d else " Names given: " + html.escape(", ".join(
+                     f"{c}: {k}" for c, k in d["names"].items())) + "."))
         if gallery is not None and gallery.is_file():
             doc.image("report_discover_gallery.png", gallery.read_bytes(), "clusters",
                       "One row per cluster, the most typical crops first.")

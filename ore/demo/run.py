@@ -85,7 +85,7 @@ def _run_demo(out: Path, *, quick: bool, seed: int) -> dict:
         run_side_by_side(jobs, progress)
     print(f"[4/5] discovering the unknowns of the training images and learning them as a new "
           f"task (logs: {out / LOOP_DIR})", flush=True)
-    loop = run_loop(out, runs["ore"], world, seed=seed)
+    loop = run_loop(out, runs["ore"], world, seed=seed, quick=quick)
     print("[5/5] writing the report …", flush=True)
     written = write_report(out, ore_run=runs["ore"], baseline_run=runs["baseline"],
                            toy_root=world, ore_config=REPORT_CONFIG, loop=loop)

@@ -69,6 +69,9 @@ COCO_FILE = "labels/coco.json"
 NAMES_FILE = "names.yaml"
 PURITY_FILE = "purity.json"
 MANIFEST = ".ore-discover.json"
+# Whose majority ground-truth class names a cluster (--names-from): all its members, or the
+# crops its gallery row shows (what a person reviewing the gallery sees).
+NAMES_FROM = ("members", "gallery")
 OUTPUTS = (CLUSTERS_FILE, GALLERY_HTML, GALLERY_PNG, CROPS_DIR, VOC_DIR, COCO_FILE,
            NAMES_FILE, PURITY_FILE)
 LIST_NAME = "discovered"  # labels/voc/ImageSets/Main/discovered.txt: the labelled images
@@ -706,15 +709,17 @@ def names_template(sizes: list[int], names: list[str] | None = None,
     return "\n".join(lines) + "\n"
 
 
-def majority_names(purity: dict, taken: set[str]) -> tuple[list[str], list[str]]:
+def majority_names(purity: dict, taken: set[str], of: str = "") -> tuple[list[str], list[str]]:
     """Each cluster's majority ground-truth class as its name (``ignore`` for ``none``
-    and for a class the run has already), and a note per cluster saying so."""
+    and for a class the run has already), and a note per cluster saying so; ``of`` says
+    whose majority it is (e.g. " of the crops shown")."""
     names, notes = [], []
     for p in purity["clusters"]:
-        m, share = p["majority"], f"{100 * p['purity']:.0f}%"
+        m, pct = p["majority"], f"{100 * p['purity']:.0f}%"
+        share = pct + of
         if m == NO_MATCH:
             names.append(IGNORE)
-            notes.append(f"{share} of them match no object")
+            notes.append(f"{pct}{of or ' of them'} match no object")
         elif m in taken:
             names.append(IGNORE)
             notes.append(f"majority {m} ({share}) is already a class of the run")
@@ -740,19 +745,28 @@ def _export_image(path: Path, image_id: str) -> tuple[str, bytes | Link]:
 def build_outputs(unknowns: Unknowns, clustering: Clustering, *, gallery_per_cluster: int = 20,
                   dropped: list[dict] = (), ground_truth: list[ImageRecord] | None = None,
                   taken_classes: set[str] = frozenset(), max_pixels: int = 0,
-                  output: str | Path = "."
+                  output: str | Path = ".", names_from: str = "members"
                   ) -> tuple[dict[str, bytes | Link], dict, dict | None]:
     """Every output file's contents (path under ``output`` → bytes or link), the
-    ``clusters.json`` summary and the purity report (None without ground truth)."""
+    ``clusters.json`` summary and the purity report (None without ground truth). With
+    ground truth, ``names_from`` says whose majority names a cluster: all its
+    ``members``, or the crops the ``gallery`` shows (the purity report then holds theirs
+    under ``"gallery"``)."""
     k = clustering.k
     members = [clustering.members(c) for c in range(k)]
     files: dict[str, bytes | Link] = {}
+    shown_idx = {c: m[:gallery_per_cluster] for c, m in enumerate(members)}
     purity = None
     if ground_truth is not None:
         purity = purity_report(unknowns.image, unknowns.boxes, clustering.assign, k,
                                ground_truth)
+        if names_from == "gallery":
+            rows = np.concatenate([*shown_idx.values(), np.zeros(0, np.int64)])
+            shown = purity_report(unknowns.image[rows], unknowns.boxes[rows],
+                                  clustering.assign[rows], k, ground_truth)
+            purity["gallery"] = {"shown_per_cluster": gallery_per_cluster,
+                                 "clusters": shown["clusters"]}
     # Crops of the members shown, each image decoded once.
-    shown_idx = {c: m[:gallery_per_cluster] for c, m in enumerate(members)}
     shown_set = np.zeros(len(unknowns), bool)
     shown_set[np.concatenate([*shown_idx.values(), np.zeros(0, np.int64)])] = True
     crops: dict[int, np.ndarray] = {}
@@ -797,8 +811,12 @@ def build_outputs(unknowns: Unknowns, clustering: Clustering, *, gallery_per_clu
     files[GALLERY_HTML] = _gallery_html(summary, purity, shown).encode()
     files[GALLERY_PNG] = _contact_sheet(sheet_rows)
     files.update(_label_exports(unknowns, clustering))
-    names, notes = (majority_names(purity, set(taken_classes)) if purity is not None
-                    else (None, None))
+    names, notes = None, None
+    if purity is not None and "gallery" in purity:
+        names, notes = majority_names(purity["gallery"], set(taken_classes),
+                                      " of the crops shown")
+    elif purity is not None:
+        names, notes = majority_names(purity, set(taken_classes))
     files[NAMES_FILE] = names_template([c["size"] for c in clusters], names, notes,
                                        output).encode()
     if purity is not None:
@@ -848,7 +866,7 @@ def discover(predictor: Predictor, paths: list[Path], output: str | Path, *,
              batch_size: int = 4, gallery_per_cluster: int = 20,
              ground_truth_root: str | Path | None = None, objectness: float = 0.0,
              objectness_records: list[ImageRecord] | None = None,
-             objectness_steps: int = OBJECTNESS_STEPS) -> dict:
+             objectness_steps: int = OBJECTNESS_STEPS, names_from: str = "members") -> dict:
     """Detect, cluster the unknowns and write the output folder (module docstring).
     With ``objectness`` > 0, only detections whose whole-object score (learnt from
     ``objectness_records``, the run's labelled training images) reaches it are clustered.
@@ -856,6 +874,8 @@ def discover(predictor: Predictor, paths: list[Path], output: str | Path, *,
     Inputs and the output folder are checked before the detector runs."""
     check_k(k, k_range)
     check_objectness(objectness)
+    if names_from not in NAMES_FROM:
+        raise OreError(f"--names-from {names_from!r}: expected one of {', '.join(NAMES_FROM)}")
     if objectness > 0 and not objectness_records:
         raise OreError("the whole-object score needs the run's labelled training images")
     if gallery_per_cluster < 1:
@@ -886,7 +906,7 @@ def discover(predictor: Predictor, paths: list[Path], output: str | Path, *,
         gt = [by_path[str(p)] for p in kept.images]
     files, summary, purity = build_outputs(
         kept, clustering, gallery_per_cluster=gallery_per_cluster, dropped=dropped,
-        ground_truth=gt, taken_classes=set(predictor.split.classes),
+        ground_truth=gt, taken_classes=set(predictor.split.classes), names_from=names_from,
         max_pixels=predictor.cfg.INPUT.MAX_PIXELS, output=output)
     with folder_lock(output):  # a second discover into the folder waits its turn
         write_outputs(output, files, check_discover_output(output))

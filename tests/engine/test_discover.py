@@ -23,6 +23,7 @@ from ore.data.records import ImageRecord, load_voc_split
 from ore.engine.add_task import read_labels, read_names
 from ore.engine.discover import (
     CLUSTERS_FILE,
+    Clustering,
     Unknowns,
     build_outputs,
     cluster_unknowns,
@@ -243,6 +244,34 @@ def test_majority_names_become_the_names_file_add_task_reads(tmp_path, toy_root)
                    for p in (tmp_path / "out" / "crops").rglob("*.jpg"))
     assert len(crops) == 6 and all(f'src="{c}"' in page for c in crops)
     assert json.loads((tmp_path / "out" / "purity.json").read_text()) == purity
+
+
+def test_names_from_the_gallery_follow_the_crops_it_shows(tmp_path, toy_root):
+    """A cluster whose most typical members are spirals but whose other members match no
+    object is 'ignore' by all its members and 'spiral' by the crops its gallery shows."""
+    files = sorted((toy_root / "JPEGImages").glob("*.jpg"))[:1]
+    boxes = np.array([[10, 10, 40, 40], [50, 10, 80, 40], [90, 90, 99, 99], [100, 90, 109, 99],
+                      [110, 90, 119, 99], [120, 90, 129, 99], [10, 100, 40, 130]], np.float32)
+    gt = [ImageRecord("0", str(files[0]), 160, 160,
+                      np.array([[11, 11, 41, 41], [51, 11, 81, 41], [11, 101, 41, 131]],
+                               np.float32), ["spiral", "spiral", "bolt"], np.zeros(3, bool))]
+    n = len(boxes)
+    assign = np.array([0, 0, 0, 0, 0, 0, 1])
+    distance = np.array([0.1, 0.2, 0.5, 0.6, 0.7, 0.8, 0.1], np.float32)  # spirals first
+    cl = Clustering(2, "given", {}, assign, distance, np.eye(2, 4, dtype=np.float32))
+    unk = Unknowns(files, np.array([[160, 160]]), np.zeros(n, np.int64), boxes,
+                   np.full(n, 0.5, np.float32), np.eye(n, 4, dtype=np.float32))
+    for names_from, first in (("members", "ignore"), ("gallery", "spiral")):
+        out_files, _, purity = build_outputs(unk, cl, gallery_per_cluster=2, ground_truth=gt,
+                                             names_from=names_from)
+        names = yaml.safe_load(out_files["names.yaml"].decode())
+        assert names == {"cluster_00": first, "cluster_01": "bolt"}
+        assert purity["clusters"][0]["majority"] == "none"  # all members: 4 of 6 unmatched
+        assert purity["clusters"][0]["purity"] == pytest.approx(4 / 6, abs=1e-4)
+    gallery = purity["gallery"]
+    assert gallery["shown_per_cluster"] == 2
+    assert [(c["majority"], c["size"]) for c in gallery["clusters"]] == [("spiral", 2),
+                                                                         ("bolt", 1)]
 
 
 def test_exports_take_any_image_name_and_format(tmp_path, toy_root):
