@@ -150,3 +150,20 @@ def render_samples(ore_run: Path, toy_root: Path, ore_config, samples: int,
         ok, png = cv2.imencode(".png", cv2.cvtColor(pair, cv2.COLOR_RGB2BGR))
         out.append((rec.image_id, png.tobytes()))
     return out
+
+
+def gallery_excerpt(sheet_png: bytes, rows: list[int], tile: int, pad: int = 4,
+                    quality: int = 85) -> bytes:
+    """JPEG of the given rows (0-based, in that order) of a discover contact sheet
+    (``gallery.png``: rows ``tile`` pixels high, ``pad`` between and around them)."""
+    sheet = cv2.imdecode(np.frombuffer(sheet_png, np.uint8), cv2.IMREAD_COLOR)
+    if sheet is None:
+        raise OreError("the gallery sheet is not a readable image")
+    step = tile + pad
+    n = (sheet.shape[0] - pad) // step
+    parts = [sheet[pad + r * step - pad:pad + r * step + tile] for r in rows if 0 <= r < n]
+    out = np.concatenate([*parts, sheet[:pad]]) if parts else sheet[:pad]
+    ok, data = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise OreError("cannot encode the gallery excerpt (OpenCV)")
+    return data.tobytes()

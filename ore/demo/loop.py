@@ -173,8 +173,11 @@ def loop_figures(loop: Path, ore_run: Path, split: TaskSplit, found: dict,
             majorities=[c["majority"] for c in purity["clusters"]])
         names_file = folder / NAMES_FILE
         if names_file.is_file():
-            given = list((read_yaml(names_file) or {}).values())
+            by_cluster = read_yaml(names_file) or {}
+            given = list(by_cluster.values())
             result["discover"]["names"] = {v: given.count(v) for v in sorted(set(given))}
+            result["discover"]["named_clusters"] = [
+                (int(c.rsplit("_", 1)[1]), v) for c, v in by_cluster.items() if v != IGNORE]
     for name, branch in BRANCHES.items():
         if name in skipped:
             result["tasks"][name] = {"skipped": skipped[name]}

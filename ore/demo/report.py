@@ -22,11 +22,13 @@ from pathlib import Path
 from ore.data.classes import TOY_NEVER_INTRODUCED, TOY_TASKS
 from ore.demo.figures import (
     DRAW_SCORE_THRESH,
+    gallery_excerpt,
     plot_losses,
     plot_metrics_over_tasks,
     render_samples,
 )
 from ore.demo.targets import METRICS, TARGET_LABELS, evaluate_targets, metric_value
+from ore.engine.discover import SHEET_TILE
 from ore.engine.layout import ENERGY_PLOT, RunLayout, final_metrics, final_stage, task_number
 from ore.errors import OreError
 from ore.evaluation.report import protocol_line
@@ -119,8 +121,8 @@ margin:0 4px 0 10px}
 """
 
 
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
+def _data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
 
 
 class _Doc:
@@ -144,7 +146,8 @@ class _Doc:
     def image(self, name: str, png: bytes, alt: str, caption: str = "", wrap: bool = True):
         self.files[name] = png
         cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-        tag = f'<img src="{_data_uri(png)}" alt="{html.escape(alt)}">'
+        mime = "image/jpeg" if name.endswith(".jpg") else "image/png"
+        tag = f'<img src="{_data_uri(png, mime)}" alt="{html.escape(alt)}">'
         if wrap:
             self.html.append(f'<figure class="figure">{tag}{cap}</figure>')
         self.md.append(f"![{alt}]({name})\n" + (f"\n*{caption}*\n" if caption else ""))
@@ -231,6 +234,7 @@ LOOP_TARGETS = {"purity": "cluster purity ≥ 85%",
                 "coverage": "never-introduced objects in a cluster ≥ 60%",
                 "new_ap50_ratio": "new classes' AP50, discovered / ground-truth labels ≥ 80%",
                 "old_map_kept": "old classes' mAP after the new task ≥ 90% of before"}
+GALLERY_ROWS = 8  # rows of the discover gallery shown in the report
 LOOP_ROWS = {"ground_truth": "ground-truth boxes", "discovered": "discovered clusters"}
 
 
@@ -271,8 +275,13 @@ def _loop_section(doc: _Doc, loop: dict, gallery: Path | None) -> None:
                  + ("" if "names" not in d else " Names given: " + html.escape(", ".join(
                      f"{c}: {k}" for c, k in d["names"].items())) + "."))
         if gallery is not None and gallery.is_file():
-            doc.image("report_discover_gallery.png", gallery.read_bytes(), "clusters",
-                      "One row per cluster, the most typical crops first.")
+            named = [c for c, _ in d.get("named_clusters", [])]
+            rows = named + [c for c in range(d["k"]) if c not in named]
+            doc.image("report_discover_gallery.jpg",
+                      gallery_excerpt(gallery.read_bytes(), rows[:GALLERY_ROWS], SHEET_TILE),
+                      "clusters", f"The clusters named a new class, then the largest "
+                      f"(at most {GALLERY_ROWS} rows; every cluster is in "
+                      f"{d['folder']}/gallery.html), the most typical crops first.")
     rows = []
     for name, label in LOOP_ROWS.items():
         r = loop["tasks"].get(name, {})

@@ -8,10 +8,13 @@ import json
 import os
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 from ore.data.classes import load_task_split
 from ore.data.records import parse_voc_xml, read_image_list
+from ore.demo.figures import gallery_excerpt
 from ore.demo.loop import (
     BRANCHES,
     ground_truth_labels,
@@ -144,3 +147,19 @@ def test_a_loop_that_learnt_nothing_fails_every_target_it_could_not_measure(tmp_
     assert all(v["skipped"] for v in r["tasks"].values())
     targets = loop_targets(r)
     assert all(v["value"] is None and v["pass"] is False for v in targets.values())
+
+
+def test_the_gallery_excerpt_keeps_the_rows_asked_for_in_order():
+    tile, pad, k = 10, 4, 5
+    sheet = np.full((pad + k * (tile + pad), 30, 3), 255, np.uint8)
+    for r in range(k):  # row r painted grey level 40 r
+        y = pad + r * (tile + pad)
+        sheet[y:y + tile] = 40 * r
+    ok, png = cv2.imencode(".png", sheet)
+    jpg = gallery_excerpt(png.tobytes(), [3, 0, 9], tile, pad, quality=100)
+    out = cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert out.shape == (2 * (tile + pad) + pad, 30)  # row 9 does not exist
+    for i, r in enumerate((3, 0)):
+        y = pad + i * (tile + pad)
+        assert abs(float(out[y + 2:y + tile - 2].mean()) - 40 * r) < 3
+        assert float(out[y - pad + 1:y - 1].mean()) > 250  # the white gap above
