@@ -39,6 +39,11 @@ LOOP_DIR = "loop"
 DISCOVER_DIR = "discover"
 GT_LABELS_DIR = "ground-truth-labels"
 BRANCHES = {"discovered": "t{n}-discovered", "ground_truth": "t{n}-ground-truth"}
+
+
+def branch_dir(loop: Path, name: str, n: int) -> Path:
+    """The run folder of the branch ``name`` (a key of :data:`BRANCHES`) for task ``n``."""
+    return loop / BRANCHES[name].format(n=n)
 # How discover runs here (README, discovering new classes, has the measurements): unknown
 # detections from score 0.05 whose whole-object score reaches 0.7, in 40 clusters (k by
 # silhouette on the quick world, which has too few), each named by the majority class of
@@ -130,10 +135,10 @@ def run_loop(out: Path, ore_run: Path, world: Path, *, seed: int, quick: bool = 
             labels["discovered"] = (voc, names)
     jobs = {}
     for name, (voc, names) in labels.items():
-        branch = branch_run(ore_run, loop / BRANCHES[name].format(n=n))
+        branch = branch_run(ore_run, branch_dir(loop, name, n))
         if task_key(n) in RunLayout(branch).load_summary():
             continue
-        jobs[name] = Job(add_task, str(loop / f"{BRANCHES[name].format(n=n)}.log"),
+        jobs[name] = Job(add_task, str(branch.with_name(branch.name + ".log")),
                          dict(run_dir=str(branch), labels=str(voc), names=str(names),
                               overrides=["DATALOADER.NUM_WORKERS=0", f"SEED={seed}"]))
     if jobs:
@@ -178,11 +183,11 @@ def loop_figures(loop: Path, ore_run: Path, split: TaskSplit, found: dict,
             result["discover"]["names"] = {v: given.count(v) for v in sorted(set(given))}
             result["discover"]["named_clusters"] = [
                 (int(c.rsplit("_", 1)[1]), v) for c, v in by_cluster.items() if v != IGNORE]
-    for name, branch in BRANCHES.items():
+    for name in BRANCHES:
         if name in skipped:
             result["tasks"][name] = {"skipped": skipped[name]}
             continue
-        metrics = final_metrics(RunLayout(loop / branch.format(n=n)).load_summary()
+        metrics = final_metrics(RunLayout(branch_dir(loop, name, n)).load_summary()
                                 .get(task_key(n)))
         if metrics is None:
             result["tasks"][name] = {"skipped": "the task did not finish"}

@@ -16,7 +16,7 @@ from ore.data.classes import load_task_split
 from ore.data.records import parse_voc_xml, read_image_list
 from ore.demo.figures import gallery_excerpt
 from ore.demo.loop import (
-    BRANCHES,
+    branch_dir,
     ground_truth_labels,
     loop_figures,
     loop_targets,
@@ -110,7 +110,7 @@ def test_loop_figures_and_targets_from_the_summaries(tmp_path):
     ap_gt = {"spiral": 60.0, "hourglass": 50.0, "bolt": 40.0}
     ap_disc = {"spiral": 30.0, "hourglass": 45.0}  # bolt never learnt: AP counted as 0
     for name, ap, old in (("ground_truth", ap_gt, 38.0), ("discovered", ap_disc, 37.0)):
-        _summary(loop / BRANCHES[name].format(n=5), "t5",
+        _summary(branch_dir(loop, name, 5), "t5",
                  {"ft": {"per_class_ap": ap, "known_mAP_prev": old, "unknown_recall": 10.0},
                   "reported": "ft"})
     purity = {"members": 100, "overall_purity": 0.9,
